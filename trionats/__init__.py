@@ -1,0 +1,78 @@
+"""trionats: a Trio-native NATS client with a connection pool and a concurrent subscriber.
+
+Every connection, subscription and worker lives inside a nursery the caller opened, so
+nothing can leak; every timeout is a Trio cancel scope. Under the hood it drives nats-py
+through trio-asyncio, which is imported only when the first connection opens (importing
+trio_asyncio replaces asyncio's event loop policy for the whole process).
+
+Layers (imports point downward only)::
+
+    _subscriber, _pool   ->   _connection   ->   _bridge (asyncio, trio_asyncio, nats)
+"""
+
+from ._connection import Connection as Connection
+from ._connection import ConnectionEvent as ConnectionEvent
+from ._connection import ConnectionStats as ConnectionStats
+from ._connection import EventKind as EventKind
+from ._connection import EventStream as EventStream
+from ._connection import Msg as Msg
+from ._connection import Subscription as Subscription
+from ._connection import open_connection as open_connection
+from ._errors import ConnectError as ConnectError
+from ._errors import ConnectionClosedError as ConnectionClosedError
+from ._errors import LeaseExpiredError as LeaseExpiredError
+from ._errors import NoRespondersError as NoRespondersError
+from ._errors import PoolClosedError as PoolClosedError
+from ._errors import PoolTimeoutError as PoolTimeoutError
+from ._errors import ReconnectBufferFullError as ReconnectBufferFullError
+from ._errors import ServerNotFoundError as ServerNotFoundError
+from ._errors import SubscriptionClosedError as SubscriptionClosedError
+from ._errors import TimeoutError as TimeoutError
+from ._errors import TrionatsError as TrionatsError
+from ._server import NatsServer as NatsServer
+from ._server import find_nats_server as find_nats_server
+from ._server import open_nats_cluster as open_nats_cluster
+from ._server import open_nats_server as open_nats_server
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ConnectError",
+    "Connection",
+    "ConnectionClosedError",
+    "ConnectionEvent",
+    "ConnectionStats",
+    "EventKind",
+    "EventStream",
+    "LeaseExpiredError",
+    "Msg",
+    "NatsServer",
+    "NoRespondersError",
+    "PoolClosedError",
+    "PoolTimeoutError",
+    "ReconnectBufferFullError",
+    "ServerNotFoundError",
+    "Subscription",
+    "SubscriptionClosedError",
+    "TimeoutError",
+    "TrionatsError",
+    "find_nats_server",
+    "open_connection",
+    "open_nats_cluster",
+    "open_nats_server",
+]
+
+
+def _fixup_module_metadata() -> None:
+    """Show the public path (``trionats.X``) in reprs, tracebacks and docs."""
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("trionats._"):
+            try:
+                obj.__module__ = "trionats"
+            except (AttributeError, TypeError):  # pragma: no cover
+                pass
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

