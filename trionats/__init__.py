@@ -68,10 +68,7 @@ def _fixup_module_metadata() -> None:
     for name in __all__:
         obj = globals()[name]
         if getattr(obj, "__module__", "").startswith("trionats._"):
-            try:
-                obj.__module__ = "trionats"
-            except (AttributeError, TypeError):  # pragma: no cover
-                pass
+            obj.__module__ = "trionats"
 
 
 _fixup_module_metadata()

@@ -19,10 +19,10 @@ What this module relies on in nats-py beyond its public API (checked by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
@@ -31,6 +31,9 @@ import trio_asyncio
 from nats.aio.client import Client as NatsClient
 
 from . import _errors
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Coroutine
 
 __all__ = [
     "NatsClient",
@@ -99,8 +102,10 @@ async def run_aio(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwa
     except asyncio.CancelledError:
         # asyncio cancelled without a Trio cancel (e.g. the loop is shutting down).
         await trio.lowlevel.checkpoint_if_cancelled()
-        raise _errors.ConnectionClosedError("the operation was cancelled on the asyncio side") from None
-    except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        raise _errors.ConnectionClosedError(
+            "the operation was cancelled on the asyncio side"
+        ) from None
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         await trio.lowlevel.checkpoint_if_cancelled()
         raise translate(exc) from exc
     await trio.lowlevel.checkpoint_if_cancelled()
@@ -171,10 +176,8 @@ async def force_close(client: NatsClient, timeout: float) -> None:
                 log.debug("close failed: %r", exc)
         transport = getattr(client, "_transport", None)
         if transport is not None:
-            try:
+            with contextlib.suppress(Exception):
                 transport.close()
-            except Exception:  # pragma: no cover
-                pass
         for name in ("_reading_task", "_flusher_task", "_ping_interval_task", "_reconnection_task"):
             task = getattr(client, name, None)
             if task is not None and not task.done():
@@ -183,9 +186,16 @@ async def force_close(client: NatsClient, timeout: float) -> None:
         await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
 
 
+def current_loop() -> Any:
+    """The trio-asyncio loop of this task tree (its clock is Trio's)."""
+    return trio_asyncio.current_loop.get()
+
+
 def new_client() -> NatsClient:
     return NatsClient()
 
 
 def version() -> str:
-    return str(nats.__version__)
+    from nats.aio.client import __version__
+
+    return str(__version__)

@@ -21,12 +21,12 @@ import enum
 import functools
 import itertools
 import logging
+import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
 import trio
@@ -44,6 +44,8 @@ from ._validate import (
 )
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from ._bridge import NatsClient
 
 __all__ = [
@@ -115,7 +117,13 @@ class Msg:
         """
         if not self.reply:
             raise ValueError(f"message on {self.subject!r} has no reply subject to respond to")
-        await self._conn.publish(self.reply, data, headers=headers)
+        await checkpoint_if_cancelled()
+        if type(data) is not bytes:
+            check_data(data)
+        if headers is not None:
+            check_headers(headers)
+        # The reply subject came from the server: no need to validate (or cache) it.
+        await self._conn._publish(self.reply, data, "", headers)
 
     def __repr__(self) -> str:
         return (
@@ -399,11 +407,74 @@ class _Pending:
 
 
 @final
+class _RequestTimer:
+    """Request timeouts without a cancel scope per request.
+
+    Entering and leaving a Trio cancel scope costs more than the rest of a request's
+    Trio-side work (profiled: ~25% of a request at 100 concurrent requesters). Requests
+    with the same timeout have non-decreasing deadlines, so each distinct timeout value
+    gets a FIFO queue (O(1) per request); one asyncio timer on the bridge loop (which
+    runs on Trio's clock, so MockClock applies) fires at the earliest deadline, no more
+    often than every :attr:`GRANULARITY` seconds, and wakes the expired requests.
+    A request that completes leaves a stale entry that the next firing discards.
+    """
+
+    GRANULARITY = 0.005
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._queues: dict[float, deque[tuple[float, _Pending]]] = {}
+        self._handle: Any = None
+        self._armed_at = math.inf
+
+    def add(self, pending: _Pending, timeout: float) -> None:
+        deadline = self._loop.time() + timeout
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = deque()
+        queue.append((deadline, pending))
+        if deadline < self._armed_at:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_at(when, self._fire)
+        self._armed_at = when
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_at = math.inf
+        now = self._loop.time()
+        next_at = math.inf
+        for timeout, queue in list(self._queues.items()):
+            while queue and queue[0][0] <= now:
+                pending = queue.popleft()[1]
+                task = pending.task
+                if task is not None:
+                    pending.task = None
+                    reschedule(task)  # woken with msg None: timed out
+            if queue:
+                next_at = min(next_at, queue[0][0])
+            else:
+                del self._queues[timeout]
+        if next_at < math.inf:
+            self._arm(max(next_at, now + self.GRANULARITY))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._queues.clear()
+
+
+@final
 class _ReplyRouter:
     """The request mux: one wildcard inbox subscription, replies routed by token."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, timer: _RequestTimer) -> None:
         self.prefix = prefix
+        self.timer = timer
         self.prefix_len = len(prefix)
         self.waiting: dict[str, _Pending] = {}
 
@@ -534,7 +605,7 @@ class Connection:
         if type(data) is not bytes:
             check_data(data)
         if reply is not None:
-            check_publish_subject(reply, "reply")
+            check_publish_subject(reply, "reply", cache=False)
         if headers is not None:
             check_headers(headers)
         await self._publish(subject, data, reply or "", headers)
@@ -578,7 +649,7 @@ class Connection:
     async def _ensure_router(self) -> _ReplyRouter:
         if self._router is None:
             prefix = self._client.new_inbox() + "."
-            router = _ReplyRouter(prefix)
+            router = _ReplyRouter(prefix, _RequestTimer(_bridge().current_loop()))
             await self._nats_subscribe(prefix + "*", None, router)
             self._router = router
         return self._router
@@ -605,9 +676,7 @@ class Connection:
             check_publish_subject(subject)
         if type(data) is not bytes:
             check_data(data)
-        if type(timeout) is not float:
-            check_positive("timeout", timeout)
-        elif not timeout > 0:
+        if type(timeout) is not float or not timeout > 0:
             check_positive("timeout", timeout)
         if headers is not None:
             check_headers(headers)
@@ -619,22 +688,21 @@ class Connection:
         try:
             await self._publish(subject, data, router.prefix + token, headers)
             if pending.msg is None:
-                with trio.move_on_after(timeout) as scope:
-                    pending.task = current_task()
+                pending.task = current_task()
+                router.timer.add(pending, timeout)
 
-                    def abort(_: Any) -> Abort:
-                        pending.task = None
-                        return Abort.SUCCEEDED
+                def abort(_: Any) -> Abort:
+                    pending.task = None
+                    return Abort.SUCCEEDED
 
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-                if scope.cancelled_caught:
-                    raise _errors.TimeoutError(
-                        f"no reply on {subject!r} within {timeout} s"
-                    ) from None
+                await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
             router.waiting.pop(token, None)
         msg = pending.msg
-        assert msg is not None
+        if msg is None:
+            if self._closed:
+                raise _errors.ConnectionClosedError("the connection closed during the request")
+            raise _errors.TimeoutError(f"no reply on {subject!r} within {timeout} s")
         headers_in = msg.headers
         if headers_in is not None and headers_in.get("Status") == "503" and not msg.data:
             raise _errors.NoRespondersError(f"no responders on {subject!r}")
@@ -785,6 +853,7 @@ class Connection:
         self._subs.clear()
         router = self._router
         if router is not None:
+            router.timer.close()
             for pending in router.waiting.values():
                 task = pending.task
                 if task is not None:  # pragma: no cover - requests live inside the block
@@ -827,7 +896,7 @@ class Connection:
 def _normalize_servers(servers: str | Sequence[str]) -> list[str]:
     if isinstance(servers, str):
         servers = [s.strip() for s in servers.split(",")]
-    if isinstance(servers, bytes) or not isinstance(servers, Sequence):
+    if not isinstance(servers, list | tuple):
         raise TypeError(f"servers must be a URL or a list of URLs, got {servers!r}")
     result: list[str] = []
     for url in servers:

@@ -33,7 +33,7 @@ class ConnectionClosedError(TrionatsError):
     """The connection is closed (or draining) and cannot be used for this operation."""
 
 
-class TimeoutError(TrionatsError):  # noqa: A001 - deliberate, mirrors nats-py / asyncio naming
+class TimeoutError(TrionatsError):
     """An operation with a ``timeout=`` argument did not finish in time."""
 
 

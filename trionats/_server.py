@@ -14,14 +14,16 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import trio
 
 from ._errors import ServerNotFoundError, TrionatsError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
 
 __all__ = ["NatsServer", "find_nats_server", "open_nats_cluster", "open_nats_server"]
 
@@ -137,7 +139,7 @@ class NatsServer:
         """Start the process (again, on the same port) and wait until it accepts clients."""
         if self.is_running:
             return
-        with open(self._log_path, "ab") as log:
+        with open(self._log_path, "ab") as log:  # noqa: ASYNC230 - local file, opened once
             self._process = await trio.lowlevel.open_process(
                 self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )

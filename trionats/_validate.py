@@ -29,19 +29,27 @@ def _tokens(what: str, subject: object) -> list[str]:
         raise ValueError(f"{what} must not contain whitespace or NUL: {subject!r}")
     tokens = subject.split(".")
     if "" in tokens:
-        raise ValueError(f"{what} has an empty token (leading, trailing or double dot): {subject!r}")
+        raise ValueError(
+            f"{what} has an empty token (leading, trailing or double dot): {subject!r}"
+        )
     return tokens
 
 
-def check_publish_subject(subject: object, what: str = "subject") -> str:
-    """A literal subject: non-empty tokens, no whitespace, no wildcards."""
+def check_publish_subject(subject: object, what: str = "subject", *, cache: bool = True) -> str:
+    """A literal subject: non-empty tokens, no whitespace, no wildcards.
+
+    Valid subjects are remembered (``cache``) so a publish loop pays one set lookup;
+    one-off subjects such as reply inboxes should pass ``cache=False``.
+    """
     if subject in _PUBLISH_OK:
-        return subject  # type: ignore[return-value]
+        return subject
     tokens = _tokens(what, subject)
     for token in tokens:
         if token in ("*", ">") or "*" in token or ">" in token:
             raise ValueError(f"{what} must not contain wildcards ('*' or '>'): {subject!r}")
     assert isinstance(subject, str)
+    if not cache:
+        return subject
     if len(_PUBLISH_OK) >= _PUBLISH_CACHE_MAX:
         _PUBLISH_OK.clear()
     _PUBLISH_OK.add(subject)

@@ -13,13 +13,24 @@ The fixtures are Trio fixtures (pytest-trio): use them from async tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 
 from ._server import NatsServer, open_nats_cluster, open_nats_server
 
-__all__ = ["nats_cluster", "nats_server", "nats_url"]
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+__all__ = [
+    "monitor_json",
+    "nats_cluster",
+    "nats_server",
+    "nats_url",
+    "wait_for_connections",
+]
 
 
 @pytest.fixture
@@ -40,3 +51,38 @@ async def nats_cluster() -> AsyncIterator[list[NatsServer]]:
     """A 3-node nats-server cluster on 127.0.0.1."""
     async with open_nats_cluster(3, monitor=True) as servers:
         yield servers
+
+
+async def monitor_json(server: NatsServer, path: str = "/connz") -> dict[str, Any]:
+    """GET a JSON page of the server's HTTP monitoring port (``/connz``, ``/varz``, ...).
+
+    A minimal HTTP/1.0 client over ``trio.open_tcp_stream``; the server needs
+    ``monitor=True`` (the ``nats_server`` fixture has it).
+    """
+    if server.monitor_port is None:
+        raise ValueError("the server was started without monitor=True")
+    stream = await trio.open_tcp_stream("127.0.0.1", server.monitor_port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        chunks = []
+        while data := await stream.receive_some(65536):
+            chunks.append(data)
+    raw = b"".join(chunks)
+    _, _, body = raw.partition(b"\r\n\r\n")
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+async def wait_for_connections(server: NatsServer, count: int, timeout: float = 10.0) -> int:
+    """Poll ``/connz`` (bounded, with a deadline) until the server counts ``count`` clients.
+
+    Returns the count; raises ``AssertionError`` naming the last count seen on timeout.
+    """
+    seen = -1
+    with trio.move_on_after(timeout):
+        while True:
+            seen = int((await monitor_json(server, "/connz"))["num_connections"])
+            if seen == count:
+                return seen
+            await trio.sleep(0.01)
+    raise AssertionError(f"server counts {seen} connections, expected {count}")
