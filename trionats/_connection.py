@@ -24,7 +24,6 @@ import logging
 import math
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
@@ -44,6 +43,7 @@ from ._validate import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
     from types import TracebackType
 
     from ._bridge import NatsClient
