@@ -1,0 +1,77 @@
+"""The nats-py behaviour _bridge.py relies on beyond its public API.
+
+If an upgrade of nats-py changes any of this, these tests fail loudly (rather than
+trionats silently getting slower or losing messages). pyproject.toml bounds nats-py to
+the versions these tests cover.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import nats.aio.client
+import nats.aio.subscription
+
+import trionats
+
+
+def test_send_publish_signature_and_buffer_append() -> None:
+    params = list(inspect.signature(nats.aio.client.Client._send_publish).parameters)
+    assert params == ["self", "subject", "reply", "payload", "payload_size", "headers"]
+    source = inspect.getsource(nats.aio.client.Client._send_command)
+    assert "self._pending.append(cmd)" in source
+    assert "force_flush=True" in source
+
+
+def test_msg_class_is_how_messages_are_built() -> None:
+    source = inspect.getsource(nats.aio.client.Client._build_message)
+    assert "self.msg_class(" in source
+    for keyword in ("subject=", "reply=", "data=", "headers=", "_client=", "_sid="):
+        assert keyword in source
+
+
+def test_subscription_without_callback_uses_pending_queue_put_nowait() -> None:
+    source = inspect.getsource(nats.aio.client.Client._process_msg)
+    assert "sub._pending_queue.put_nowait(msg)" in source
+    assert "sub._pending_bytes_limit > 0" in source
+    start = inspect.getsource(nats.aio.subscription.Subscription._start)
+    assert "create_task" in start and "if self._cb" in start
+
+
+def test_private_attributes_used_exist() -> None:
+    client = nats.aio.client.Client()
+    for name in ("_pending_data_size", "_max_payload", "_max_pending_size", "stats", "_status"):
+        assert hasattr(client, name), name
+    assert nats.aio.client.Client.CONNECTED == 1
+    for name in ("_remove_sub", "_send_unsubscribe", "new_inbox", "_subs"):
+        assert hasattr(client, name), name
+
+
+async def test_publish_does_not_suspend_below_the_pending_size(nats_url: str) -> None:
+    """The hot path: a publish completes in one coroutine step (a buffer append)."""
+    async with trionats.open_connection(nats_url) as nc:
+        client = nc._client
+        suspended = 0
+        for _ in range(1000):
+            coro = client._send_publish("x", "", b"y" * 100, 100, None)
+            try:
+                coro.send(None)
+            except StopIteration:
+                continue
+            suspended += 1  # pragma: no cover
+            coro.close()  # pragma: no cover
+        assert suspended == 0
+        await nc.flush()
+
+
+async def test_publish_beyond_pending_size_still_delivers(nats_url: str) -> None:
+    """Past pending_size nats-py suspends for a forced flush; we finish it in asyncio."""
+    async with (
+        trionats.open_connection(nats_url, pending_size=64 * 1024) as nc,
+        nc.subscribe("big", max_pending_msgs=10_000) as sub,
+    ):
+        for i in range(2000):
+            await nc.publish("big", i.to_bytes(4, "big") + b"z" * 200)
+        await nc.flush()
+        got = [int.from_bytes(m.data[:4], "big") for m in await sub.receive_batch()]
+        assert got == list(range(2000))

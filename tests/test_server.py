@@ -1,0 +1,65 @@
+"""The embedded nats-server: discovery, start/stop/restart, cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+import trionats
+from trionats.testing import monitor_json
+
+
+def test_find_reports_both_install_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIONATS_NATS_SERVER", "/nonexistent/nats-server")
+    with pytest.raises(trionats.ServerNotFoundError, match="not a file"):
+        trionats.find_nats_server()
+    monkeypatch.delenv("TRIONATS_NATS_SERVER")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr("sysconfig.get_path", lambda name: "/nonexistent")
+    monkeypatch.setattr("sys.executable", "/nonexistent/python")
+    with pytest.raises(trionats.ServerNotFoundError, match=r"trionats\[server\].*PATH"):
+        trionats.find_nats_server()
+
+
+async def test_restart_on_the_same_port(nats_server: trionats.NatsServer) -> None:
+    port = nats_server.port
+    first_pid = nats_server.pid
+    await nats_server.stop()
+    assert not nats_server.is_running
+    await nats_server.stop()  # twice is fine
+    await nats_server.start()
+    assert nats_server.port == port
+    assert nats_server.pid != first_pid
+    async with trionats.open_connection(nats_server.url) as nc:
+        await nc.flush()
+
+
+async def test_server_is_stopped_when_the_block_exits() -> None:
+    async with trionats.open_nats_server() as server:
+        process = server._process
+        assert process is not None and process.returncode is None
+    assert process.returncode is not None
+
+
+async def test_cluster_routes_messages_between_nodes(
+    nats_cluster: list[trionats.NatsServer],
+) -> None:
+    a, b, _ = nats_cluster
+    # wait (bounded) until the routes are up
+    import trio
+
+    with trio.fail_after(10):
+        while (await monitor_json(a, "/routez"))["num_routes"] < 2:
+            await trio.sleep(0.02)
+    async with (
+        trionats.open_connection(a.url) as nca,
+        trionats.open_connection(b.url) as ncb,
+        ncb.subscribe("across") as sub,
+    ):
+        with trio.fail_after(10):
+            while True:  # interest propagates asynchronously across routes
+                await nca.publish("across", b"hop")
+                await nca.flush()
+                with trio.move_on_after(0.05):
+                    msg = await sub.next_msg()
+                    break
+        assert msg.data == b"hop"
