@@ -268,9 +268,10 @@ async def test_pending_limit_drops_are_counted_with_one_event_per_transition(
 
 
 async def test_pending_bytes_limit(nats_url: str) -> None:
-    async with trionats.open_connection(nats_url) as nc, nc.subscribe(
-        "big", max_pending_bytes=1000
-    ) as sub:
+    async with (
+        trionats.open_connection(nats_url) as nc,
+        nc.subscribe("big", max_pending_bytes=1000) as sub,
+    ):
         for _ in range(5):
             await nc.publish("big", b"x" * 300)
         await nc.flush()

@@ -1,0 +1,50 @@
+"""The command line: `trionats demo` for real, and Ctrl-C leaving no server behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import trio
+
+from trionats._cli import _pid_alive, main
+
+
+def test_demo_runs_for_real(capsys: object) -> None:
+    assert main(["demo", "--messages", "200", "--requests", "20"]) == 0
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "subscriber received 200" in out
+    assert "20 concurrent requests answered" in out
+    assert ": gone;" in out
+
+
+async def test_ctrl_c_stops_the_server_and_leaves_no_process() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trionats", "server"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    assert process.stdout is not None
+    output = b""
+    with trio.fail_after(20):
+        while b"Ctrl-C" not in output:
+            chunk = await process.stdout.receive_some(4096)
+            assert chunk, output
+            output += chunk
+    match = re.search(rb"\(pid (\d+)\)", output)
+    assert match, output
+    server_pid = int(match.group(1))
+    assert _pid_alive(server_pid)
+    process.send_signal(signal.SIGINT)
+    with trio.fail_after(20):
+        while chunk := await process.stdout.receive_some(4096):
+            output += chunk
+        await process.wait()
+    assert process.returncode == 130, output
+    assert b"stopped cleanly" in output
+    assert not _pid_alive(server_pid)
