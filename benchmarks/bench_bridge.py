@@ -55,12 +55,15 @@ def raw_main(url: str, workload: str, count: int) -> dict[str, Any]:
         pub = await nats.connect(url)
         subc = await nats.connect(url, pending_size=64 * 1024 * 1024)
         done = asyncio.Event()
+        warm = asyncio.Event()
         received = 0
         target = count + 1000
 
         async def cb(msg: Any) -> None:
             nonlocal received
             received += 1
+            if received == 1000:
+                warm.set()
             if received == target:
                 done.set()
 
@@ -71,8 +74,7 @@ def raw_main(url: str, workload: str, count: int) -> dict[str, Any]:
         for _ in range(1000):  # warm-up
             await pub.publish("bench.ps", payload)
         await pub.flush()
-        while received < 1000:
-            await asyncio.sleep(0.001)
+        await warm.wait()
         t0 = time.perf_counter()
         for _ in range(count):
             await pub.publish("bench.ps", payload)

@@ -35,7 +35,8 @@ def test_subscription_without_callback_uses_pending_queue_put_nowait() -> None:
     assert "sub._pending_queue.put_nowait(msg)" in source
     assert "sub._pending_bytes_limit > 0" in source
     start = inspect.getsource(nats.aio.subscription.Subscription._start)
-    assert "create_task" in start and "if self._cb" in start
+    assert "create_task" in start
+    assert "if self._cb" in start
 
 
 def test_private_attributes_used_exist() -> None:

@@ -252,7 +252,8 @@ async def test_request_cancelled_concurrently_keeps_connection_usable(nats_url: 
             for _ in range(50):
                 nursery.start_soon(functools.partial(nc.request, "never", b"", timeout=30))
             await trio.testing.wait_all_tasks_blocked()
-            assert nc._router is not None and len(nc._router.waiting) == 50
+            assert nc._router is not None
+            assert len(nc._router.waiting) == 50
             nursery.cancel_scope.cancel()
         assert not nc._router.waiting
         with pytest.raises(trionats.NoRespondersError):

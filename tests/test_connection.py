@@ -69,9 +69,10 @@ async def test_request_reply_and_respond(nats_url: str) -> None:
 
 async def test_request_no_responders(nats_url: str) -> None:
     async with trionats.open_connection(nats_url) as nc:
-        with pytest.raises(trionats.NoRespondersError, match="nobody.home"):
+        with pytest.raises(trionats.NoRespondersError, match=r"nobody\.home"):
             await nc.request("nobody.home", b"?")
-        assert nc._router is not None and not nc._router.waiting
+        assert nc._router is not None
+        assert not nc._router.waiting
 
 
 async def test_request_timeout(nats_url: str) -> None:
@@ -81,7 +82,8 @@ async def test_request_timeout(nats_url: str) -> None:
             await nc.request("silent", b"?", timeout=0.2)
         elapsed = trio.current_time() - t0
         assert 0.2 <= elapsed < 2
-        assert nc._router is not None and not nc._router.waiting
+        assert nc._router is not None
+        assert not nc._router.waiting
         # the connection stays usable
         await nc.flush()
 
@@ -215,7 +217,7 @@ async def test_connect_timeout_against_a_silent_listener_closes_the_socket() -> 
         )
         port = listeners[0].socket.getsockname()[1]
         t0 = trio.current_time()
-        with pytest.raises(trionats.ConnectError, match="within 0.5 s"):
+        with pytest.raises(trionats.ConnectError, match=r"within 0\.5 s"):
             async with trionats.open_connection(f"nats://127.0.0.1:{port}", connect_timeout=0.5):
                 pass  # pragma: no cover
         assert trio.current_time() - t0 < 2
@@ -288,25 +290,29 @@ async def test_queue_group_splits_messages(nats_url: str) -> None:
             await nc.publish("work", str(i).encode())
         await nc.flush()
         assert a.pending + b.pending == 200
-        assert a.pending > 0 and b.pending > 0
+        assert a.pending > 0
+        assert b.pending > 0
 
 
 async def test_drain_delivers_buffered_messages_then_ends_iteration(nats_url: str) -> None:
     got: list[bytes] = []
-    async with trionats.open_connection(nats_url) as pub:
-        async with trionats.open_connection(nats_url) as nc, nc.subscribe("d") as sub:
-            for i in range(100):
-                await pub.publish("d", str(i).encode())
-            await pub.flush()
+    async with (
+        trionats.open_connection(nats_url) as pub,
+        trionats.open_connection(nats_url) as nc,
+        nc.subscribe("d") as sub,
+    ):
+        for i in range(100):
+            await pub.publish("d", str(i).encode())
+        await pub.flush()
 
-            async def consume() -> None:
-                async for msg in sub:
-                    got.append(msg.data)
+        async def consume() -> None:
+            async for msg in sub:
+                got.append(msg.data)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(consume)
-                await nc.drain(timeout=10)
-            assert nc.is_closed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await nc.drain(timeout=10)
+        assert nc.is_closed
     assert got == [str(i).encode() for i in range(100)]
 
 
@@ -376,13 +382,16 @@ async def test_subscription_ends_when_block_exits(nats_url: str) -> None:
 
 
 async def test_two_receivers_on_one_subscription_is_an_error(nats_url: str) -> None:
-    async with trionats.open_connection(nats_url) as nc, nc.subscribe("x") as sub:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sub.next_msg)
-            await trio.testing.wait_all_tasks_blocked()
-            with pytest.raises(trio.BusyResourceError):
-                await sub.next_msg()
-            nursery.cancel_scope.cancel()
+    async with (
+        trionats.open_connection(nats_url) as nc,
+        nc.subscribe("x") as sub,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(sub.next_msg)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await sub.next_msg()
+        nursery.cancel_scope.cancel()
 
 
 async def test_open_connection_inside_existing_trio_asyncio_loop(nats_url: str) -> None:

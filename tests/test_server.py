@@ -36,7 +36,8 @@ async def test_restart_on_the_same_port(nats_server: trionats.NatsServer) -> Non
 async def test_server_is_stopped_when_the_block_exits() -> None:
     async with trionats.open_nats_server() as server:
         process = server._process
-        assert process is not None and process.returncode is None
+        assert process is not None
+        assert process.returncode is None
     assert process.returncode is not None
 
 
@@ -48,7 +49,7 @@ async def test_cluster_routes_messages_between_nodes(
     import trio
 
     with trio.fail_after(10):
-        while (await monitor_json(a, "/routez"))["num_routes"] < 2:
+        while (await monitor_json(a, "/routez"))["num_routes"] < 2:  # noqa: ASYNC110 - polling
             await trio.sleep(0.02)
     async with (
         trionats.open_connection(a.url) as nca,
