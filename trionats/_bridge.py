@@ -29,6 +29,7 @@ import nats.errors
 import trio
 import trio_asyncio
 from nats.aio.client import Client as NatsClient
+from nats.protocol.command import pub_cmd as _pub_cmd
 
 from . import _errors
 
@@ -184,6 +185,32 @@ async def force_close(client: NatsClient, timeout: float) -> None:
                 task.cancel()
         # Let the cancelled tasks run their cancellation before the loop can close.
         await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
+
+
+def append_publish(
+    client: NatsClient, subject: str, reply: str, payload: Any
+) -> Coroutine[Any, Any, Any] | None:
+    """Append a PUB (without headers) to the client's outgoing buffer, synchronously.
+
+    The same steps as nats-py's ``_send_publish`` + ``_send_command``, minus the coroutine
+    (creating and finishing one per message costs more than the append itself). Returns
+    the follow-up nats-py would have awaited, for the caller to step: a kick of the
+    flusher when its queue is empty (once per batch), or a forced flush when the buffer
+    passed ``pending_size``; None when there is nothing more to do.
+    """
+    cmd = _pub_cmd(subject, reply, payload)
+    stats = client.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(payload)
+    client._pending.append(cmd)
+    size = client._pending_data_size + len(cmd)
+    client._pending_data_size = size
+    if 0 < client._max_pending_size < size:
+        return client._flush_pending(force_flush=True)
+    queue = client._flush_queue
+    if queue is not None and queue.empty():
+        return client._flush_pending()
+    return None
 
 
 def current_loop() -> Any:

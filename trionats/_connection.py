@@ -501,6 +501,7 @@ class Connection:
 
     def __init__(self, client: NatsClient, *, name: str | None, close_timeout: float) -> None:
         self._client = client
+        self._append_publish = _bridge().append_publish
         self.name = name
         self._close_timeout = close_timeout
         self._subs: set[Subscription] = set()
@@ -629,17 +630,21 @@ class Connection:
                 raise _errors.ReconnectBufferFullError(
                     "not connected and the reconnect buffer (pending_size) is full"
                 )
-        coro = client._send_publish(subject, reply, data, size, headers)
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            pass
-        except Exception as exc:
-            raise _bridge().translate(exc) from exc
+        if headers is None:  # the hot path: a synchronous append, no coroutine
+            coro = self._append_publish(client, subject, reply, data)
         else:
-            await _bridge().finish_in_asyncio(coro, yielded)
-            self._since_yield = 0
-            return
+            coro = client._send_publish(subject, reply, data, size, headers)
+        if coro is not None:
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                pass
+            except Exception as exc:
+                raise _bridge().translate(exc) from exc
+            else:  # a forced flush of a full buffer: wait for it (backpressure)
+                await _bridge().finish_in_asyncio(coro, yielded)
+                self._since_yield = 0
+                return
         self._since_yield += 1
         if self._since_yield >= YIELD_EVERY or client._pending_data_size >= YIELD_BYTES:
             self._since_yield = 0
