@@ -923,6 +923,11 @@ def _normalize_servers(servers: str | Sequence[str]) -> list[str]:
     return result
 
 
+def _is_fatal_connect_error(exc: BaseException) -> bool:
+    """Errors that another attempt cannot fix: TLS verification, bad credentials."""
+    return isinstance(exc, ssl.SSLError) or "authorization" in str(exc).lower()
+
+
 async def connect(
     servers: str | Sequence[str] = "nats://127.0.0.1:4222",
     *,
@@ -933,6 +938,7 @@ async def connect(
     password: str | None = None,
     token: str | None = None,
     nkeys_seed: str | None = None,
+    nkeys_seed_str: str | None = None,
     user_credentials: str | None = None,
     tls: ssl.SSLContext | None = None,
     tls_hostname: str | None = None,
@@ -964,10 +970,16 @@ async def connect(
     conn = Connection(client, name=name, close_timeout=close_timeout)
     client.msg_class = functools.partial(Msg, conn)
     errors: list[BaseException] = []
+    scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
+    fatal = False
 
     async def on_error(exc: Exception) -> None:
+        nonlocal fatal
         if not client.is_connected and not conn._closed and client._status in (0, 4):
             errors.append(exc)  # still connecting: reported in the ConnectError
+            if _is_fatal_connect_error(exc):
+                fatal = True  # retrying cannot help: fail now, not at the deadline
+                scope.cancel()
             return
         await conn._on_error(exc)
 
@@ -994,29 +1006,31 @@ async def connect(
         password=password,
         token=token,
         nkeys_seed=nkeys_seed,
+        nkeys_seed_str=nkeys_seed_str,
         user_credentials=user_credentials,
         tls=tls,
         tls_hostname=tls_hostname,
         skip_subject_validation=True,  # validated here, with clearer errors
     )
+    where = ", ".join(server_list)
     ok = False
     try:
-        with trio.move_on_after(connect_timeout) as scope:
-            await bridge.run_aio(client.connect, **options)
+        try:
+            with scope:
+                await bridge.run_aio(client.connect, **options)
+        except _errors.ConnectError as exc:
+            cause = errors[-1] if errors else exc.__cause__
+            raise _errors.ConnectError(f"could not connect to {where}: {cause or exc}") from cause
         if scope.cancelled_caught:
+            if fatal:
+                raise _errors.ConnectError(f"could not connect to {where}: {errors[-1]}") from (
+                    errors[-1]
+                )
             raise _errors.ConnectError(
-                f"could not connect to {', '.join(server_list)} within {connect_timeout} s"
-                + (f" (last error: {errors[-1]!r})" if errors else "")
+                f"could not connect to {where} within {connect_timeout} s"
+                + (f" (last error: {errors[-1]})" if errors else "")
             )
         ok = True
-    except _errors.ConnectError as exc:
-        if errors:
-            raise _errors.ConnectError(
-                f"could not connect to {', '.join(server_list)}: {errors[-1]}"
-            ) from errors[-1]
-        raise _errors.ConnectError(
-            f"could not connect to {', '.join(server_list)}: {exc}"
-        ) from exc.__cause__
     finally:
         if not ok:
             conn._closed = True
@@ -1053,8 +1067,9 @@ async def open_connection(
         connect_timeout: seconds for the whole first connect (all servers); then
             :class:`trionats.ConnectError`.
         close_timeout: bound on the shutdown of the connection.
-        **options: ``user``, ``password``, ``token``, ``nkeys_seed``, ``user_credentials``
-            (a creds file), ``tls`` (an ``ssl.SSLContext``), ``tls_hostname``,
+        **options: ``user``, ``password``, ``token``, ``nkeys_seed`` (a seed file),
+            ``nkeys_seed_str`` (the seed itself), ``user_credentials`` (a creds file),
+            ``tls`` (an ``ssl.SSLContext``), ``tls_hostname``,
             ``allow_reconnect``, ``max_reconnect_attempts`` (-1: forever),
             ``reconnect_time_wait``, ``ping_interval``, ``max_outstanding_pings``,
             ``no_echo``, ``pending_size`` (reconnect buffer bytes), ``inbox_prefix``.
