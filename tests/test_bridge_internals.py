@@ -44,7 +44,16 @@ def test_private_attributes_used_exist() -> None:
     for name in ("_pending_data_size", "_max_payload", "_max_pending_size", "stats", "_status"):
         assert hasattr(client, name), name
     assert nats.aio.client.Client.CONNECTED == 1
-    for name in ("_remove_sub", "_send_unsubscribe", "new_inbox", "_subs"):
+    for name in (
+        "_remove_sub",
+        "_send_unsubscribe",
+        "new_inbox",
+        "_subs",
+        "_pongs",
+        "_pending",
+        "_flush_pending",
+        "_flush_queue",
+    ):
         assert hasattr(client, name), name
 
 
@@ -76,3 +85,16 @@ async def test_publish_beyond_pending_size_still_delivers(nats_url: str) -> None
         await nc.flush()
         got = [int.from_bytes(m.data[:4], "big") for m in await sub.receive_batch()]
         assert got == list(range(2000))
+
+
+async def test_flush_returns_only_after_the_server_processed_earlier_publishes(
+    nats_url: str,
+) -> None:
+    """Our PING goes behind the buffered publishes (nats-py's _send_ping writes it ahead)."""
+    async with trionats.open_connection(nats_url) as nc, nc.subscribe("order") as sub:
+        for round_ in range(50):
+            for i in range(100):
+                await nc.publish("order", b"%d" % i)
+            await nc.flush()
+            assert sub.pending == 100, round_
+            await sub.receive_batch()

@@ -18,8 +18,8 @@ from trionats.testing import wait_for_connections
 
 
 class CancelAtStep(trio.abc.Instrument):
-    """Cancel ``scope`` just before the task named ``name`` takes its ``n``-th step, so the
-    cancel is delivered at the checkpoint where that step resumes."""
+    """Cancel ``scope`` right after the task named ``name`` finished its ``n``-th step, that
+    is while it is parked at its ``n``-th checkpoint: the cancel aborts that wait."""
 
     def __init__(self, n: int, name: str, scope: trio.CancelScope) -> None:
         self.n = n
@@ -28,7 +28,7 @@ class CancelAtStep(trio.abc.Instrument):
         self.steps = 0
         self.fired = False
 
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
         if task.name == self.name:
             self.steps += 1
             if self.steps == self.n:
@@ -39,7 +39,7 @@ class CancelAtStep(trio.abc.Instrument):
 async def cancel_at_every_checkpoint(
     operation: Callable[[], Awaitable[Any]], check: Callable[[], Awaitable[None]]
 ) -> int:
-    """Run ``operation`` in a task cancelled before its 1st, 2nd, ... step, until a run
+    """Run ``operation`` in a task cancelled at its 1st, 2nd, ... checkpoint, until a run
     completes without the cancel firing; after each run, ``check`` that the connection
     is consistent and usable.
 

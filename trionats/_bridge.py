@@ -28,6 +28,7 @@ import nats
 import nats.errors
 import trio
 import trio_asyncio
+from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
 from nats.protocol.command import pub_cmd as _pub_cmd
 
@@ -211,6 +212,56 @@ def append_publish(
     if queue is not None and queue.empty():
         return client._flush_pending()
     return None
+
+
+def send_ping(client: NatsClient) -> asyncio.Future[Any]:
+    """Queue a PING behind everything already buffered; the future completes on its PONG.
+
+    Not nats-py's ``_send_ping``: that writes the PING straight to the socket, ahead of
+    publishes still in the outgoing buffer, so its PONG can come back before the server
+    has seen them and a flush would return too early.
+    """
+    loop = trio_asyncio.current_loop.get()
+    future: asyncio.Future[Any] = loop.create_future()
+    client._pongs.append(future)
+    client._pending.append(PING_PROTO)
+    client._pending_data_size += len(PING_PROTO)
+    coro = client._flush_pending()
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return future
+    # The flusher's queue was full: finish queueing in asyncio.
+    loop.create_task(_resume(coro, yielded))
+    return future
+
+
+async def wait_future(future: asyncio.Future[Any]) -> Any:
+    """Wait from Trio for an asyncio future, without a bridge round trip.
+
+    Cancelling the wait does not cancel the future.
+    """
+    if future.done():
+        await trio.lowlevel.checkpoint()
+        return future.result()
+    task = trio.lowlevel.current_task()
+    waiting = True
+
+    def on_done(_: asyncio.Future[Any]) -> None:
+        nonlocal waiting
+        if waiting:  # a done-callback already queued when the wait was aborted is ignored
+            waiting = False
+            trio.lowlevel.reschedule(task)
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        nonlocal waiting
+        waiting = False
+        future.remove_done_callback(on_done)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    future.add_done_callback(on_done)
+    await trio.lowlevel.wait_task_rescheduled(abort)
+    return future.result()
 
 
 def current_loop() -> Any:

@@ -11,9 +11,11 @@ Ctrl-C at any moment stops cleanly: Trio turns it into a cancel of the main task
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from typing import TYPE_CHECKING
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -125,6 +127,63 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """``trionats bench``: run, show a progress bar, print a table, write JSON."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from ._bench import SCENARIOS, BenchConfig, run_bench
+
+    scenarios = args.scenario or list(SCENARIOS)
+    config = (
+        BenchConfig(count=2000, size=args.size, concurrency=args.concurrency, reps=1)
+        if args.quick
+        else BenchConfig(
+            count=args.count, size=args.size, concurrency=args.concurrency, reps=args.reps
+        )
+    )
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("benchmarking", total=2 * config.reps * len(scenarios))
+
+        def advance(scenario: str, rep: int, side: str) -> None:
+            progress.update(task, advance=1, description=f"{scenario} rep {rep + 1} {side}")
+
+        async with AsyncExitStack() as stack:
+            url = args.url
+            if url is None:
+                server = await stack.enter_async_context(open_nats_server())
+                url = server.url
+            report = await run_bench(url, scenarios, config, advance)
+    table = Table(title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs)")
+    for column in ("scenario", "raw nats-py", "trionats", "ratio", "ratio spread", "latency"):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for scenario, row in report["summary"].items():
+        latency = ""
+        if "raw_p99_ms" in row:
+            latency = (
+                f"p50 {row['trionats_p50_ms']:.2f}/{row['raw_p50_ms']:.2f} ms, "
+                f"p99 {row['trionats_p99_ms']:.2f}/{row['raw_p99_ms']:.2f} ms"
+            )
+        table.add_row(
+            scenario,
+            f"{row['raw_rate']:,.0f}/s",
+            f"{row['trionats_rate']:,.0f}/s",
+            f"{row['ratio']:.2f}x",
+            f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}",
+            latency,
+        )
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:  # noqa: ASYNC230 - once, at the end
+            json.dump(report, f, indent=2)
+        _say(f"wrote {args.json}")
+    return report
+
+
 async def serve(port: int | None, jetstream: bool, cluster: int) -> None:
     """Run the embedded server (or an N-node cluster) until cancelled (Ctrl-C)."""
     if cluster > 1:
@@ -144,6 +203,15 @@ def _parser() -> argparse.ArgumentParser:
     p_demo = commands.add_parser("demo", help="a guided run against an embedded nats-server")
     p_demo.add_argument("--messages", type=int, default=1000)
     p_demo.add_argument("--requests", type=int, default=100)
+    p_bench = commands.add_parser("bench", help="trionats vs raw nats-py, side by side")
+    p_bench.add_argument("--scenario", action="append", choices=["publish", "pubsub", "request"])
+    p_bench.add_argument("--count", type=int, default=100_000)
+    p_bench.add_argument("--reps", type=int, default=3)
+    p_bench.add_argument("--quick", action="store_true", help="2000 messages, 1 repetition")
+    p_bench.add_argument("--size", type=int, default=128, help="payload bytes")
+    p_bench.add_argument("--concurrency", type=int, default=100, help="concurrent requesters")
+    p_bench.add_argument("--url", default=None, help="use this server, not an embedded one")
+    p_bench.add_argument("--json", default=None, metavar="FILE")
     p_server = commands.add_parser("server", help="run the embedded nats-server until Ctrl-C")
     p_server.add_argument("--port", type=int, default=None)
     p_server.add_argument("--jetstream", action="store_true")
@@ -153,13 +221,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("messages", "requests", "cluster"):
+    for name in ("messages", "requests", "cluster", "count", "reps", "concurrency"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             _parser().error(f"--{name} must be >= 1, got {value}")
     try:
         if args.command == "demo":
             trio.run(demo, args.messages, args.requests)
+        elif args.command == "bench":
+            trio.run(bench, args)
         else:
             trio.run(serve, args.port, args.jetstream, args.cluster)
     except KeyboardInterrupt:

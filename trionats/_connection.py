@@ -804,15 +804,24 @@ class Connection:
         """
         check_positive("timeout", timeout)
         await checkpoint_if_cancelled()
-        self._check_open_for_flush()
+        if self._closed or self._client.is_closed:
+            raise _errors.ConnectionClosedError("the connection is closed")
         with trio.move_on_after(timeout) as scope:
-            await _bridge().run_aio(self._client.flush, timeout + 1)
+            await self._ping()
         if scope.cancelled_caught:
             raise _errors.TimeoutError(f"flush did not complete within {timeout} s")
 
-    def _check_open_for_flush(self) -> None:
-        if self._closed or self._client.is_closed:
-            raise _errors.ConnectionClosedError("the connection is closed")
+    async def _ping(self) -> None:
+        """Send a PING and wait for its PONG, without an asyncio round trip.
+
+        A cancelled wait leaves the PONG's future in nats-py's queue to be completed
+        normally (cancelling it, as nats-py's own flush does via ``wait_for``, makes the
+        late PONG raise InvalidStateError inside the read loop and kills it).
+        """
+        if not self._client.is_connected:
+            raise _errors.ConnectionClosedError("not connected (the connection is reconnecting)")
+        bridge = _bridge()
+        await bridge.wait_future(bridge.send_ping(self._client))
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Drain and close: stop subscriptions, deliver what was buffered, flush, close.
@@ -834,11 +843,11 @@ class Connection:
                 for sub in subs:
                     self._unsubscribe_nowait(sub)
                 if self._client.is_connected:
-                    await _bridge().run_aio(self._client.flush, timeout + 1)
+                    await self._ping()
                 for sub in subs:
                     await sub._wait_emptied()
                 if self._client.is_connected:
-                    await _bridge().run_aio(self._client.flush, timeout + 1)
+                    await self._ping()
         finally:
             await self.aclose()
         await checkpoint_if_cancelled()

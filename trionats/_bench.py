@@ -1,0 +1,370 @@
+"""``trionats bench``: trionats against raw nats-py on plain asyncio, in one run.
+
+Every scenario runs the same workload twice per repetition: once with trionats (in this
+process, on Trio) and once with raw nats-py on plain asyncio in a child process (importing
+trio_asyncio changes asyncio's loop policy for the whole process, which would slow the raw
+side down). Same server, same payloads; warm-up is excluded on both sides; repetitions
+are interleaved and the median and the spread (min..max) are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["SCENARIOS", "BenchConfig", "run_bench"]
+
+SCENARIOS = ("publish", "pubsub", "request")
+WARMUP = 1000
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: message count, payload size, concurrency, repetitions.
+
+    ``count`` is the number of messages for publish/pubsub; request runs ``count // 5``.
+    """
+
+    count: int = 100_000
+    size: int = 128
+    concurrency: int = 100
+    reps: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("count", "concurrency", "reps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"size must be an int >= 0, got {self.size!r}")
+
+    def count_for(self, scenario: str) -> int:
+        return max(self.concurrency, self.count // 5) if scenario == "request" else self.count
+
+
+def _latency_figures(rate: float, latencies: list[float]) -> dict[str, float]:
+    latencies.sort()
+    return {
+        "rate": rate,
+        "mean_ms": 1000 * statistics.fmean(latencies),
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    }
+
+
+# --------------------------------------------------------------- raw nats-py (child) --
+def raw_scenario(
+    scenario: str, url: str, count: int, size: int, concurrency: int
+) -> dict[str, Any]:
+    """The raw nats-py side: what a user of nats-py on plain asyncio would write."""
+    import asyncio
+
+    import nats
+
+    payload = b"x" * size
+
+    async def publish() -> dict[str, Any]:
+        nc = await nats.connect(url)
+        for _ in range(WARMUP):
+            await nc.publish("bench.warm", payload)
+        await nc.flush()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await nc.publish("bench.pub", payload)
+        await nc.flush()
+        dt = time.perf_counter() - t0
+        await nc.close()
+        return {"rate": count / dt}
+
+    async def pubsub() -> dict[str, Any]:
+        pub = await nats.connect(url)
+        subc = await nats.connect(url)
+        done, warm = asyncio.Event(), asyncio.Event()
+        received = 0
+        target = count + WARMUP
+
+        async def cb(msg: Any) -> None:
+            nonlocal received
+            received += 1
+            if received == WARMUP:
+                warm.set()
+            if received == target:
+                done.set()
+
+        await subc.subscribe(
+            "bench.ps", cb=cb, pending_msgs_limit=2 * target, pending_bytes_limit=1 << 30
+        )
+        await subc.flush()
+        for _ in range(WARMUP):
+            await pub.publish("bench.ps", payload)
+        await pub.flush()
+        await warm.wait()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await pub.publish("bench.ps", payload)
+        await pub.flush()
+        await asyncio.wait_for(done.wait(), 120)
+        dt = time.perf_counter() - t0
+        # end-to-end latency, one message at a time
+        latencies: list[float] = []
+        got = asyncio.Event()
+
+        async def ping(msg: Any) -> None:
+            got.set()
+
+        await subc.subscribe("bench.lat", cb=ping)
+        await subc.flush()
+        for _ in range(200):
+            got.clear()
+            t = time.perf_counter()
+            await pub.publish("bench.lat", payload)
+            await pub.flush()
+            await got.wait()
+            latencies.append(time.perf_counter() - t)
+        await pub.close()
+        await subc.close()
+        figures = _latency_figures(count / dt, latencies)
+        return figures
+
+    async def request() -> dict[str, Any]:
+        responder = await nats.connect(url)
+        nc = await nats.connect(url)
+
+        async def respond(msg: Any) -> None:
+            await msg.respond(msg.data)
+
+        await responder.subscribe("bench.req", cb=respond)
+        await responder.flush()
+        for _ in range(200):
+            await nc.request("bench.req", payload, timeout=5)
+        latencies: list[float] = []
+        per_task = count // concurrency
+
+        async def requester() -> None:
+            for _ in range(per_task):
+                t = time.perf_counter()
+                await nc.request("bench.req", payload, timeout=10)
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(requester() for _ in range(concurrency)))
+        dt = time.perf_counter() - t0
+        await nc.close()
+        await responder.close()
+        return _latency_figures(len(latencies) / dt, latencies)
+
+    runs = {"publish": publish, "pubsub": pubsub, "request": request}
+    return asyncio.run(runs[scenario]())
+
+
+# ---------------------------------------------------------------------- trionats --
+async def trionats_scenario(
+    scenario: str, url: str, count: int, size: int, concurrency: int
+) -> dict[str, Any]:
+    """The same workload written the natural Trio way with trionats."""
+    import trio
+
+    from ._connection import open_connection
+
+    payload = b"x" * size
+
+    if scenario == "publish":
+        async with open_connection(url) as nc:
+            for _ in range(WARMUP):
+                await nc.publish("bench.warm", payload)
+            await nc.flush()
+            t0 = time.perf_counter()
+            for _ in range(count):
+                await nc.publish("bench.pub", payload)
+            await nc.flush()
+            return {"rate": count / (time.perf_counter() - t0)}
+
+    if scenario == "pubsub":
+        target = count + WARMUP
+        async with (
+            open_connection(url) as pub,
+            open_connection(url) as subc,
+            subc.subscribe("bench.ps", max_pending_msgs=2 * target) as sub,
+            subc.subscribe("bench.lat") as lat,
+        ):
+            done, warm = trio.Event(), trio.Event()
+
+            async def consume() -> None:
+                received = 0
+                async for _msg in sub:
+                    received += 1
+                    if received == WARMUP:
+                        warm.set()
+                    if received == target:
+                        done.set()
+                        return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                for _ in range(WARMUP):
+                    await pub.publish("bench.ps", payload)
+                await pub.flush()
+                await warm.wait()
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    await pub.publish("bench.ps", payload)
+                await pub.flush()
+                with trio.fail_after(120):
+                    await done.wait()
+                dt = time.perf_counter() - t0
+            latencies: list[float] = []
+            for _ in range(200):
+                t = time.perf_counter()
+                await pub.publish("bench.lat", payload)
+                await pub.flush()
+                await lat.next_msg()
+                latencies.append(time.perf_counter() - t)
+            figures: dict[str, Any] = _latency_figures(count / dt, latencies)
+            figures["dropped"] = sub.dropped
+            return figures
+
+    if scenario != "request":
+        raise ValueError(f"unknown scenario {scenario!r}")
+    async with (
+        open_connection(url) as responder,
+        open_connection(url) as nc,
+        responder.subscribe("bench.req") as sub,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def respond() -> None:
+            async for msg in sub:
+                await msg.respond(msg.data)
+
+        nursery.start_soon(respond)
+        for _ in range(200):
+            await nc.request("bench.req", payload, timeout=5)
+        latencies = []
+        per_task = count // concurrency
+
+        async def requester() -> None:
+            for _ in range(per_task):
+                t = time.perf_counter()
+                await nc.request("bench.req", payload, timeout=10)
+                latencies.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as inner:
+            for _ in range(concurrency):
+                inner.start_soon(requester)
+        dt = time.perf_counter() - t0
+        nursery.cancel_scope.cancel()
+        return _latency_figures(len(latencies) / dt, latencies)
+
+
+# ------------------------------------------------------------------------ driver --
+def _run_raw_child(scenario: str, url: str, count: int, size: int, concurrency: int) -> Any:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trionats._bench",
+            scenario,
+            url,
+            str(count),
+            str(size),
+            str(concurrency),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine_facts() -> dict[str, Any]:
+    """CPU count, platform and versions, for the JSON report."""
+    from importlib.metadata import version
+
+    facts: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for package in ("trionats", "trio", "trio-asyncio", "nats-py"):
+        try:
+            facts[package] = version(package)
+        except Exception:  # pragma: no cover - not installed as a distribution
+            facts[package] = "unknown"
+    return facts
+
+
+def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Median and spread of each scenario's figures, and the trionats/raw ratio."""
+    summary: dict[str, dict[str, Any]] = {}
+    for scenario, sides in results.items():
+        row: dict[str, Any] = {}
+        for side, runs in sides.items():
+            for key in runs[0]:
+                values = [run[key] for run in runs]
+                row[f"{side}_{key}"] = statistics.median(values)
+                row[f"{side}_{key}_min"] = min(values)
+                row[f"{side}_{key}_max"] = max(values)
+        ratios = [
+            ours["rate"] / raw["rate"]
+            for ours, raw in zip(sides["trionats"], sides["raw"], strict=True)
+        ]
+        row["ratio"] = row["trionats_rate"] / row["raw_rate"]
+        row["ratio_min"], row["ratio_max"] = min(ratios), max(ratios)
+        summary[scenario] = row
+    return summary
+
+
+async def run_bench(
+    url: str,
+    scenarios: tuple[str, ...] | list[str],
+    config: BenchConfig,
+    progress: Callable[[str, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the scenarios against ``url``; returns raw figures, the summary and machine facts.
+
+    ``progress(scenario, rep, side)`` is called after each single run.
+    """
+    import trio
+
+    for scenario in scenarios:
+        if scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        s: {"trionats": [], "raw": []} for s in scenarios
+    }
+    for rep in range(config.reps):
+        for scenario in scenarios:
+            n = config.count_for(scenario)
+            raw = await trio.to_thread.run_sync(
+                _run_raw_child, scenario, url, n, config.size, config.concurrency
+            )
+            results[scenario]["raw"].append(raw)
+            if progress:
+                progress(scenario, rep, "raw")
+            ours = await trionats_scenario(scenario, url, n, config.size, config.concurrency)
+            results[scenario]["trionats"].append(ours)
+            if progress:
+                progress(scenario, rep, "trionats")
+    return {
+        "config": asdict(config),
+        "machine": machine_facts(),
+        "results": results,
+        "summary": summarize(results),
+    }
+
+
+if __name__ == "__main__":  # the raw nats-py child process
+    _scenario, _url, _count, _size, _conc = sys.argv[1:6]
+    print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc))))
