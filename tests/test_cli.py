@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import trio
 
 from trionats._cli import _pid_alive, main
@@ -62,3 +65,24 @@ async def test_ctrl_c_stops_the_server_and_leaves_no_process() -> None:
     assert process.returncode == 130, output
     assert b"stopped cleanly" in output
     assert not _pid_alive(server_pid)
+
+
+def test_bench_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu_count"] >= 1
+    assert set(report["summary"]) == {"publish", "pubsub", "request"}
+    for scenario, row in report["summary"].items():
+        assert row["raw_rate"] > 0, scenario
+        assert row["trionats_rate"] > 0, scenario
+        assert 0 < row["ratio"] < 100, scenario
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    assert report["summary"]["request"]["trionats_p99_ms"] > 0
+    assert report["summary"]["pubsub"]["trionats_dropped"] == 0
+
+
+def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--count", "0"])
+    assert "--count must be >= 1" in capsys.readouterr().err
