@@ -1,0 +1,729 @@
+"""The concurrent subscriber: bounded worker slots over one or more subscriptions.
+
+``open_subscriber(nc)`` owns a nursery. Each ``await subscriber.start(subject, handler)``
+subscribes and runs one *dispatcher* task for that subscription, plus one task per message
+being handled. The dispatcher takes messages from the subscription's buffer only as fast as
+worker slots free up (no over-fetch): it parks while every slot is busy, and while the buffer
+is empty, and otherwise takes ``min(free slots, buffered)`` messages in one go. Messages
+that the handlers cannot keep up with wait in the subscription's own bounded buffer
+(``pending_msgs`` / ``pending_bytes``); beyond that the connection drops and counts them and
+emits one SLOW_CONSUMER event per transition into the dropping state.
+
+Accounting is kept in two small synchronous classes (:class:`_SubscriberCore`,
+:class:`_HandleCore`) that the property tests drive without any I/O. ``received`` is never
+counted separately: it is computed from the subscription's own counters
+(``delivered + dropped + pending``), so the invariant::
+
+    received == processed + failed + timed_out + dropped + in_flight + pending
+
+holds exactly at every instant, not only when things are quiet.
+
+Shutdown order of one handle (``handle.stop()``, leaving ``open_subscriber``, or an outer
+cancel): stop taking messages -> unsubscribe (the server sends no more to this member of the
+queue group) -> messages still buffered are discarded and counted as dropped -> in-flight
+handlers get the grace period -> the rest are cancelled and counted -> done. An outer cancel
+cuts the grace period to what is left of the caller's deadline (zero when already cancelled),
+but still completes every step before ``Cancelled`` propagates.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, final
+
+import trio
+from trio.lowlevel import ParkingLot
+
+from . import _errors
+
+if TYPE_CHECKING:
+    from ._connection import Connection, Msg, Subscription
+
+__all__ = [
+    "Handler",
+    "Subscriber",
+    "SubscriberConfig",
+    "SubscriberStats",
+    "SubscriptionHandle",
+    "open_subscriber",
+]
+
+log = logging.getLogger("trionats.subscriber")
+
+Handler = Callable[["Msg"], Awaitable[bytes | None]]
+"""``async def handler(msg) -> bytes | None``; returned bytes answer a request."""
+
+_MAX_ERROR_HEADER = 256
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = False, allow_zero: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or math.isnan(value) or math.isinf(value):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SubscriberConfig:
+    """Limits and timeouts of a :class:`Subscriber`, validated on creation.
+
+    Attributes:
+        max_workers: handlers running at once, over all subscriptions of the subscriber.
+        pending_msgs: messages each subscription buffers while every worker is busy;
+            beyond that (or ``pending_bytes``) messages are dropped and counted.
+        pending_bytes: payload bytes each subscription buffers.
+        handler_timeout: seconds one handler may run before it is cancelled and counted as
+            ``timed_out`` (None: no limit).
+        stop_timeout: grace period, in seconds, that leaving ``open_subscriber`` (and
+            ``handle.stop()`` without a timeout) gives in-flight handlers.
+
+    Raises:
+        ValueError: a field has a bad value or type; the message names the field.
+
+    Example::
+
+        config = SubscriberConfig(max_workers=16, handler_timeout=30)
+    """
+
+    max_workers: int = 64
+    pending_msgs: int = 128 * 1024
+    pending_bytes: int = 256 * 1024 * 1024
+    handler_timeout: float | None = None
+    stop_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_int("max_workers", self.max_workers)
+        _check_int("pending_msgs", self.pending_msgs)
+        _check_int("pending_bytes", self.pending_bytes)
+        _check_seconds("handler_timeout", self.handler_timeout, allow_none=True, allow_zero=False)
+        _check_seconds("stop_timeout", self.stop_timeout, allow_zero=True)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SubscriberStats:
+    """A snapshot of a subscriber's (or one subscription handle's) counters.
+
+    At every instant ``received == processed + failed + timed_out + dropped + in_flight +
+    pending``.
+
+    Attributes:
+        received: messages the server delivered to the subscription(s).
+        processed: handlers that returned normally (and, for a request answered with bytes,
+            whose reply was sent).
+        failed: handlers that raised an exception (or whose reply could not be sent).
+        timed_out: handlers that did not finish in time: cancelled by ``handler_timeout``,
+            or still running when a stop's grace period ended (those are also in
+            ``cancelled``).
+        cancelled: the part of ``timed_out`` cancelled by a stop or an outer cancel.
+        dropped: messages never handed to a handler: over the pending limits, or still
+            buffered when the subscription stopped.
+        in_flight: handlers running now.
+        pending: messages buffered, waiting for a free worker slot.
+        pending_bytes: payload bytes of those messages.
+        active: running subscriptions (0 or 1 for a handle).
+    """
+
+    received: int
+    processed: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    dropped: int
+    in_flight: int
+    pending: int
+    pending_bytes: int
+    active: int
+
+
+class _Source(Protocol):
+    """What the accounting reads from a subscription (``Subscription`` provides it)."""
+
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def pending_bytes(self) -> int: ...
+
+
+class Outcome(enum.Enum):
+    """How one handler run ended."""
+
+    PROCESSED = "processed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+class _State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@final
+class _HandleCore:
+    """Synchronous accounting of one subscription handle (no I/O, no Trio)."""
+
+    __slots__ = (
+        "cancelled",
+        "discarded",
+        "failed",
+        "in_flight",
+        "max_workers",
+        "processed",
+        "source",
+        "state",
+        "timed_out",
+    )
+
+    def __init__(self, max_workers: int) -> None:
+        self.max_workers = max_workers
+        self.state = _State.STARTING
+        self.source: _Source | None = None
+        self.in_flight = 0
+        self.processed = 0
+        self.failed = 0
+        self.timed_out = 0
+        self.cancelled = 0
+        self.discarded = 0  # taken from the buffer at stop, never handled
+
+    def stats(self) -> SubscriberStats:
+        src = self.source
+        delivered = dropped = pending = pending_bytes = 0
+        if src is not None:
+            delivered, dropped = src.delivered, src.dropped
+            pending, pending_bytes = src.pending, src.pending_bytes
+        return SubscriberStats(
+            received=delivered + dropped + pending,
+            processed=self.processed,
+            failed=self.failed,
+            timed_out=self.timed_out + self.cancelled,
+            cancelled=self.cancelled,
+            dropped=dropped + self.discarded,
+            in_flight=self.in_flight,
+            pending=pending,
+            pending_bytes=pending_bytes,
+            active=1 if self.state in (_State.RUNNING, _State.STOPPING) else 0,
+        )
+
+
+@final
+class _SubscriberCore:
+    """Synchronous accounting and slot arithmetic shared by a subscriber's handles."""
+
+    __slots__ = ("_retired", "handles", "in_flight", "max_workers")
+
+    def __init__(self, max_workers: int) -> None:
+        self.max_workers = max_workers
+        self.in_flight = 0
+        self.handles: set[_HandleCore] = set()
+        self._retired = [0] * 6  # received, processed, failed, timed_out, cancelled, dropped
+
+    def add(self, h: _HandleCore) -> None:
+        self.handles.add(h)
+
+    def running(self, h: _HandleCore, source: _Source) -> None:
+        """The subscription is registered: count from ``source`` from now on."""
+        if h.state is _State.STARTING:
+            h.state = _State.RUNNING
+        h.source = source
+
+    def free_slots(self, h: _HandleCore) -> int:
+        """How many messages ``h`` may take now (0 once it is stopping)."""
+        if h.state is not _State.RUNNING:
+            return 0
+        return min(self.max_workers - self.in_flight, h.max_workers - h.in_flight)
+
+    def taken(self, h: _HandleCore) -> None:
+        """One message was taken from ``h``'s buffer and its handler is starting."""
+        if self.free_slots(h) <= 0:
+            raise RuntimeError("trionats bug: took a message without a free worker slot")
+        h.in_flight += 1
+        self.in_flight += 1
+
+    def finished(self, h: _HandleCore, outcome: Outcome) -> None:
+        """A handler of ``h`` ended with ``outcome``."""
+        if h.in_flight <= 0:
+            raise RuntimeError("trionats bug: a handler finished that was not in flight")
+        h.in_flight -= 1
+        self.in_flight -= 1
+        if outcome is Outcome.PROCESSED:
+            h.processed += 1
+        elif outcome is Outcome.FAILED:
+            h.failed += 1
+        elif outcome is Outcome.TIMED_OUT:
+            h.timed_out += 1
+        else:
+            h.cancelled += 1
+
+    def stopping(self, h: _HandleCore) -> None:
+        """Stop taking messages for ``h``."""
+        if h.state in (_State.STARTING, _State.RUNNING):
+            h.state = _State.STOPPING
+
+    def discarded(self, h: _HandleCore, n: int) -> None:
+        """``n`` buffered messages of a stopping ``h`` were taken and thrown away."""
+        if h.state is not _State.STOPPING and n:
+            raise RuntimeError("trionats bug: discarded messages of a running subscription")
+        h.discarded += n
+
+    def stopped(self, h: _HandleCore) -> None:
+        """``h`` is done: no handler of it runs any more. Its final counts are kept."""
+        if h.in_flight:
+            raise RuntimeError("trionats bug: subscription stopped with handlers in flight")
+        if h.state is _State.STOPPED:
+            return
+        h.state = _State.STOPPED
+        if h in self.handles:
+            self.handles.discard(h)
+            s = h.stats()
+            for i, v in enumerate(
+                (s.received, s.processed, s.failed, s.timed_out, s.cancelled, s.dropped)
+            ):
+                self._retired[i] += v
+
+    def stats(self) -> SubscriberStats:
+        received, processed, failed, timed_out, cancelled, dropped = self._retired[:6]
+        in_flight = pending = pending_bytes = active = 0
+        for h in self.handles:
+            s = h.stats()
+            received += s.received
+            processed += s.processed
+            failed += s.failed
+            timed_out += s.timed_out
+            cancelled += s.cancelled
+            dropped += s.dropped
+            in_flight += s.in_flight
+            pending += s.pending
+            pending_bytes += s.pending_bytes
+            active += s.active
+        return SubscriberStats(
+            received=received,
+            processed=processed,
+            failed=failed,
+            timed_out=timed_out,
+            cancelled=cancelled,
+            dropped=dropped,
+            in_flight=in_flight,
+            pending=pending,
+            pending_bytes=pending_bytes,
+            active=active,
+        )
+
+
+def _header_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = " ".join(text.split())  # no CR/LF or other control whitespace in a header
+    return text[:_MAX_ERROR_HEADER]
+
+
+@final
+class SubscriptionHandle:
+    """One running subscription of a :class:`Subscriber`; returned by ``start``.
+
+    Attributes:
+        subject: the subscribed subject.
+        queue: the queue group, or None.
+        max_workers: this subscription's own limit on concurrent handlers (the
+            subscriber's ``max_workers`` applies as well).
+    """
+
+    def __init__(
+        self,
+        subscriber: Subscriber,
+        subject: str,
+        handler: Handler,
+        queue: str | None,
+        max_workers: int,
+    ) -> None:
+        self._subscriber = subscriber
+        self.subject = subject
+        self.queue = queue
+        self.max_workers = max_workers
+        self._handler = handler
+        self._core = _HandleCore(max_workers)
+        self._sub: Subscription | None = None
+        self._dispatch_scope = trio.CancelScope()
+        self._workers_scope: trio.CancelScope | None = None
+        self._stop_deadline = math.inf
+        self._done = trio.Event()
+        self._task_name = f"trionats.subscriber handler {subject!r}"
+
+    # -- public --------------------------------------------------------------------------
+    def stats(self) -> SubscriberStats:
+        """A snapshot of this subscription's counters (see :class:`SubscriberStats`)."""
+        return self._core.stats()
+
+    @property
+    def stopped(self) -> bool:
+        """True once the subscription has ended and none of its handlers runs any more."""
+        return self._done.is_set()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop this subscription; returns when none of its handlers runs any more.
+
+        Stops taking messages, unsubscribes (the server sends no more to this member of the
+        queue group), discards what is still buffered (counted as dropped), lets in-flight
+        handlers finish within ``timeout`` seconds, then cancels the rest (counted as
+        ``timed_out`` and ``cancelled``). Safe to call twice and from several tasks.
+
+        An enclosing cancel scope cuts the grace period to what is left of its deadline. If
+        the call is cancelled, the remaining handlers are cancelled at once, the stop is
+        completed, and then ``Cancelled`` propagates: a stop is never left half done.
+
+        Args:
+            timeout: grace period for in-flight handlers; defaults to the subscriber's
+                ``stop_timeout``. 0 cancels them at once.
+
+        Raises:
+            ValueError: ``timeout`` is negative, NaN or infinite.
+
+        Example::
+
+            handle = await subscriber.start("orders.*", handle_order)
+            ...
+            await handle.stop(timeout=2)
+        """
+        if timeout is None:
+            timeout = self._subscriber._config.stop_timeout
+        else:
+            _check_seconds("timeout", timeout, allow_zero=True)
+        deadline = min(trio.current_time() + timeout, trio.current_effective_deadline())
+        self._request_stop(deadline)
+        await self._wait_stopped()
+
+    def __repr__(self) -> str:
+        return (
+            f"<trionats.SubscriptionHandle {self.subject!r} queue={self.queue!r} "
+            f"{self._core.state.value}>"
+        )
+
+    # -- internals -----------------------------------------------------------------------
+    def _request_stop(self, deadline: float) -> None:
+        """Stop taking now; cancel in-flight handlers at ``deadline`` (-inf: now)."""
+        self._subscriber._core.stopping(self._core)
+        self._stop_deadline = min(self._stop_deadline, deadline)
+        self._dispatch_scope.cancel()
+        if self._workers_scope is not None:
+            self._workers_scope.deadline = min(self._workers_scope.deadline, deadline)
+
+    async def _wait_stopped(self) -> None:
+        try:
+            await self._done.wait()
+        except trio.Cancelled:
+            # Our caller is cancelled: no grace left. Finish the stop, then propagate.
+            self._request_stop(-math.inf)
+            with trio.CancelScope(shield=True):
+                await self._done.wait()
+            raise
+
+    async def _run(
+        self, conn: Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sub_core = self._subscriber._core
+        config = self._subscriber._config
+        try:
+            async with trio.open_nursery() as workers:
+                self._workers_scope = workers.cancel_scope
+                if self._stop_deadline < math.inf:
+                    workers.cancel_scope.deadline = self._stop_deadline
+                try:
+                    async with conn.subscribe(
+                        self.subject,
+                        queue=self.queue,
+                        max_pending_msgs=config.pending_msgs,
+                        max_pending_bytes=config.pending_bytes,
+                    ) as sub:
+                        self._sub = sub
+                        sub_core.running(self._core, sub)
+                        task_status.started()
+                        with self._dispatch_scope:
+                            await self._dispatch(sub, workers)
+                        if self._core.state is _State.RUNNING:
+                            log.warning(
+                                "subscription on %r ended (connection closed); "
+                                "finishing its in-flight handlers",
+                                self.subject,
+                            )
+                finally:
+                    # Leaving `subscribe` unsubscribed (synchronously): nothing more arrives.
+                    sub_core.stopping(self._core)
+                    self._discard_buffered()
+                # The nursery now waits for in-flight handlers, until the stop deadline.
+        finally:
+            sub_core.stopped(self._core)
+            self._subscriber._active.pop(self, None)
+            self._done.set()
+
+    def _discard_buffered(self) -> None:
+        sub = self._sub
+        if sub is None or not sub.pending:
+            return
+        n = 0
+        while sub.pending:
+            sub._take()
+            n += 1
+        self._subscriber._core.discarded(self._core, n)
+
+    async def _dispatch(self, sub: Subscription, workers: trio.Nursery) -> None:
+        """Take messages only as fast as worker slots free up; start one task per message."""
+        sub_core = self._subscriber._core
+        core = self._core
+        lot = self._subscriber._slot_freed
+        run = self._run_handler
+        name = self._task_name
+        while True:
+            free = sub_core.free_slots(core)
+            if free <= 0:
+                await lot.park()
+                continue
+            n = sub.pending
+            if not n:
+                if sub._ended:
+                    return
+                # TODO(connection): a public Subscription.wait_nonempty() would replace this.
+                await sub._wait()
+                continue
+            for _ in range(min(n, free)):
+                sub_core.taken(core)
+                workers.start_soon(run, sub._take(), name=name)
+
+    async def _run_handler(self, msg: Msg) -> None:
+        subscriber = self._subscriber
+        timeout = subscriber._config.handler_timeout
+        outcome = Outcome.CANCELLED
+        try:
+            try:
+                if timeout is None:
+                    result = await self._handler(msg)
+                else:
+                    with trio.move_on_after(timeout) as scope:
+                        result = await self._handler(msg)
+                    if scope.cancelled_caught:
+                        outcome = Outcome.TIMED_OUT
+                        log.warning(
+                            "handler for %r timed out after %s s on message %r",
+                            self.subject,
+                            timeout,
+                            msg.subject,
+                        )
+                        if msg.reply:
+                            await self._reply_error(
+                                msg, "504", f"handler timed out after {timeout} s"
+                            )
+                        return
+                if result is not None and msg.reply:
+                    await msg.respond(result)
+                outcome = Outcome.PROCESSED
+            except Exception as exc:
+                outcome = Outcome.FAILED
+                log.error(
+                    "handler for %r failed on message %r: %r",
+                    self.subject,
+                    msg.subject,
+                    exc,
+                    exc_info=exc,
+                )
+                if msg.reply:
+                    await self._reply_error(msg, "500", _header_text(exc))
+        finally:
+            subscriber._core.finished(self._core, outcome)
+            lot = subscriber._slot_freed
+            if lot:
+                lot.unpark_all()
+
+    async def _reply_error(self, msg: Msg, code: str, text: str) -> None:
+        try:
+            await msg.respond(
+                b"", headers={"Nats-Service-Error": text, "Nats-Service-Error-Code": code}
+            )
+        except Exception as exc:
+            log.warning("could not send the error reply for %r: %r", msg.subject, exc)
+
+
+@final
+class Subscriber:
+    """Runs handlers for subscriptions with bounded concurrency. Use :func:`open_subscriber`."""
+
+    def __init__(self, conn: Connection, config: SubscriberConfig, nursery: trio.Nursery) -> None:
+        self._conn = conn
+        self._config = config
+        self._nursery = nursery
+        self._core = _SubscriberCore(config.max_workers)
+        self._slot_freed = ParkingLot()
+        self._active: dict[SubscriptionHandle, None] = {}  # insertion-ordered set
+        self._closing = False
+
+    @property
+    def config(self) -> SubscriberConfig:
+        """The configuration this subscriber runs with."""
+        return self._config
+
+    async def start(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str | None = None,
+        max_workers: int | None = None,
+    ) -> SubscriptionHandle:
+        """Subscribe to ``subject`` and run ``handler`` for each message.
+
+        Returns once the subscription is registered on the server: a message published
+        after this returns is received. The subscription runs in the subscriber's nursery
+        until ``handle.stop()`` or the end of the ``open_subscriber`` block.
+
+        A handler is ``async def handler(msg) -> bytes | None``. When the message is a
+        request and the handler returns bytes, they are the reply. A handler that raises is
+        counted as failed and logged, and a request gets an empty reply with the headers
+        ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500`` (504 for a timeout);
+        the subscription and the other handlers carry on.
+
+        Args:
+            subject: the subject, wildcards allowed.
+            handler: the async function to run per message.
+            queue: a queue group name: each message goes to one member of the group.
+            max_workers: a limit on concurrent handlers for this subscription alone (the
+                subscriber's ``max_workers`` applies too).
+
+        Returns:
+            The handle: ``stop()``, ``stats()``, ``subject``, ``queue``.
+
+        Raises:
+            ValueError / TypeError: bad subject, queue, handler or max_workers.
+            trionats.SubscriptionClosedError: the subscriber is shutting down.
+            trionats.ConnectionClosedError: the connection is closed.
+
+        Example::
+
+            async def handle_order(msg):
+                await process(msg.data)
+
+            handle = await subscriber.start("orders.*", handle_order, queue="workers")
+        """
+        if not callable(handler):
+            raise TypeError(f"handler must be an async function, got {handler!r}")
+        if max_workers is None:
+            max_workers = self._config.max_workers
+        else:
+            _check_int("max_workers", max_workers)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise _errors.SubscriptionClosedError("the subscriber is shutting down")
+        handle = SubscriptionHandle(self, subject, handler, queue, max_workers)
+        self._core.add(handle._core)
+        self._active[handle] = None
+        try:
+            await self._nursery.start(handle._run, self._conn)
+        except BaseException:
+            self._core.stopping(handle._core)
+            self._core.stopped(handle._core)
+            self._active.pop(handle, None)
+            handle._done.set()
+            raise
+        return handle
+
+    def active(self) -> list[SubscriptionHandle]:
+        """The subscriptions that are running (started, not yet stopped), oldest first."""
+        return [h for h in self._active if h._core.state is _State.RUNNING]
+
+    def stats(self) -> SubscriberStats:
+        """A snapshot of the counters over all subscriptions, including stopped ones."""
+        return self._core.stats()
+
+    async def _stop_all(self, timeout: float) -> None:
+        self._closing = True
+        handles = list(self._active)
+        deadline = min(trio.current_time() + timeout, trio.current_effective_deadline())
+        for h in handles:
+            h._request_stop(deadline)
+        try:
+            for h in handles:
+                await h._done.wait()
+        except trio.Cancelled:
+            for h in handles:
+                h._request_stop(-math.inf)
+            with trio.CancelScope(shield=True):
+                for h in handles:
+                    await h._done.wait()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<trionats.Subscriber active={len(self.active())} {self._core.in_flight} in flight>"
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+@asynccontextmanager
+async def open_subscriber(
+    nc_or_pool: Connection, config: SubscriberConfig | None = None
+) -> AsyncIterator[Subscriber]:
+    """Run concurrent message handlers for the duration of the block.
+
+    At most ``config.max_workers`` handlers run at once; messages are taken from a
+    subscription only as fast as worker slots free up, the rest wait in the subscription's
+    bounded buffer, and what does not fit is dropped and counted. Leaving the block stops
+    every subscription (see :meth:`SubscriptionHandle.stop`) with ``config.stop_timeout`` as
+    the grace period; an exception or a cancel does the same with the time that is left.
+
+    Example::
+
+        async with trionats.open_connection(url) as nc:
+            async with trionats.open_subscriber(nc, SubscriberConfig(max_workers=8)) as sub:
+                await sub.start("orders.*", handle_order, queue="workers")
+                await trio.sleep_forever()
+
+    Args:
+        nc_or_pool: the connection to subscribe on.
+        config: limits and timeouts; the defaults of :class:`SubscriberConfig` if None.
+
+    Raises:
+        TypeError: ``config`` is not a SubscriberConfig.
+    """
+    # TODO(pool): accept a Pool and borrow one connection for the subscriber's lifetime
+    # (`async with pool.borrow() as nc:`) once trionats._pool exists.
+    if config is None:
+        config = SubscriberConfig()
+    elif not isinstance(config, SubscriberConfig):
+        raise TypeError(f"config must be a SubscriberConfig, got {type(config).__name__}")
+    try:
+        async with trio.open_nursery() as nursery:
+            subscriber = Subscriber(nc_or_pool, config, nursery)
+            try:
+                yield subscriber
+            finally:
+                await subscriber._stop_all(config.stop_timeout)
+    except BaseExceptionGroup as group:
+        leaf = _unwrap(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__
