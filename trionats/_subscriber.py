@@ -62,21 +62,18 @@ _MAX_ERROR_HEADER = 256
 
 
 def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _check_seconds(name: str, value: object, *, allow_none: bool = False, allow_zero: bool) -> None:
-    if value is None and allow_none:
-        return
+def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
     ok = value >= 0 if allow_zero else value > 0
     if not ok or math.isnan(value) or math.isinf(value):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return float(value)
 
 
 @final
@@ -109,11 +106,17 @@ class SubscriberConfig:
     stop_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        _check_int("max_workers", self.max_workers)
-        _check_int("pending_msgs", self.pending_msgs)
-        _check_int("pending_bytes", self.pending_bytes)
-        _check_seconds("handler_timeout", self.handler_timeout, allow_none=True, allow_zero=False)
-        _check_seconds("stop_timeout", self.stop_timeout, allow_zero=True)
+        for name in ("max_workers", "pending_msgs", "pending_bytes"):
+            _check_int(f"SubscriberConfig.{name}", getattr(self, name))
+        if self.handler_timeout is not None:
+            timeout = _check_seconds(
+                "SubscriberConfig.handler_timeout", self.handler_timeout, allow_zero=False
+            )
+            object.__setattr__(self, "handler_timeout", timeout)
+        timeout = _check_seconds(
+            "SubscriberConfig.stop_timeout", self.stop_timeout, allow_zero=True
+        )
+        object.__setattr__(self, "stop_timeout", timeout)
 
 
 @final
@@ -333,6 +336,15 @@ class _SubscriberCore:
         )
 
 
+def _discard_buffered(sub_core: _SubscriberCore, h: _HandleCore, sub: Subscription) -> None:
+    """Take what a stopping subscription still buffers and count it as dropped."""
+    n = 0
+    while sub.pending:
+        sub._take()
+        n += 1
+    sub_core.discarded(h, n)
+
+
 def _header_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     text = " ".join(text.split())  # no CR/LF or other control whitespace in a header
@@ -409,7 +421,7 @@ class SubscriptionHandle:
         if timeout is None:
             timeout = self._subscriber._config.stop_timeout
         else:
-            _check_seconds("timeout", timeout, allow_zero=True)
+            timeout = _check_seconds("timeout", timeout, allow_zero=True)
         deadline = min(trio.current_time() + timeout, trio.current_effective_deadline())
         self._request_stop(deadline)
         await self._wait_stopped()
@@ -478,14 +490,8 @@ class SubscriptionHandle:
             self._done.set()
 
     def _discard_buffered(self) -> None:
-        sub = self._sub
-        if sub is None or not sub.pending:
-            return
-        n = 0
-        while sub.pending:
-            sub._take()
-            n += 1
-        self._subscriber._core.discarded(self._core, n)
+        if self._sub is not None:
+            _discard_buffered(self._subscriber._core, self._core, self._sub)
 
     async def _dispatch(self, sub: Subscription, workers: trio.Nursery) -> None:
         """Take messages only as fast as worker slots free up; start one task per message."""
