@@ -11,6 +11,7 @@ import inspect
 
 import nats.aio.client
 import nats.aio.subscription
+import trio
 
 import trionats
 
@@ -98,3 +99,36 @@ async def test_flush_returns_only_after_the_server_processed_earlier_publishes(
             await nc.flush()
             assert sub.pending == 100, round_
             await sub.receive_batch()
+
+
+def test_trio_asyncio_main_loop_structure() -> None:
+    """_bridge swaps in a batched _main_loop_one; it relies on these internals."""
+    import trio_asyncio
+    import trio_asyncio._base
+    import trio_asyncio._handles
+
+    main_loop = inspect.getsource(trio_asyncio._base.BaseTrioEventLoop._main_loop)
+    assert "await self._main_loop_one()" in main_loop
+    one = inspect.getsource(trio_asyncio._base.BaseTrioEventLoop._main_loop_one)
+    for needle in ("self._timers", "self._q_recv", "AsyncHandle", "obj._started.wait()"):
+        assert needle in one, needle
+    assert hasattr(trio_asyncio._handles, "AsyncHandle")
+    assert "current_loop" in dir(trio_asyncio)
+
+
+async def test_batched_loop_runs_callbacks_in_order_and_timers() -> None:
+    import asyncio
+
+    from trionats import _bridge
+
+    async with _bridge.loop_scope():
+        loop = _bridge.current_loop()
+        order: list[int] = []
+        for i in range(500):  # more than one batch
+            loop.call_soon(order.append, i)
+        fired = trio.Event()
+        loop.call_later(0.01, fired.set)
+        await _bridge.run_aio(asyncio.sleep, 0)
+        with trio.fail_after(5):
+            await fired.wait()
+        assert order == list(range(500))

@@ -267,6 +267,90 @@ async def trionats_scenario(
         return _latency_figures(len(latencies) / dt, latencies)
 
 
+# ------------------------------------------------------------ C client (ceiling) --
+C_SCENARIOS = ("publish", "pubsub")
+_C_SOURCE = r"""
+#include <nats/nats.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static volatile int64_t received = 0;
+
+static void on_msg(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure) {
+    received++;
+    natsMsg_Destroy(msg);
+}
+
+int main(int argc, char **argv) {
+    const char *scenario = argv[1], *url = argv[2];
+    int64_t count = atoll(argv[3]);
+    int size = atoi(argv[4]);
+    char *payload = malloc(size + 1);
+    memset(payload, 'x', size);
+    natsConnection *pub = NULL, *subc = NULL;
+    natsSubscription *sub = NULL;
+    if (natsConnection_ConnectTo(&pub, url) != NATS_OK) return 2;
+    if (strcmp(scenario, "pubsub") == 0) {
+        if (natsConnection_ConnectTo(&subc, url) != NATS_OK) return 2;
+        natsConnection_Subscribe(&sub, subc, "bench.ps", on_msg, NULL);
+        natsSubscription_SetPendingLimits(sub, -1, -1);
+        natsConnection_Flush(subc);
+    }
+    const char *subject = sub ? "bench.ps" : "bench.pub";
+    for (int i = 0; i < 1000; i++) natsConnection_Publish(pub, subject, payload, size);
+    natsConnection_Flush(pub);
+    while (sub && received < 1000) nats_Sleep(1);
+    int64_t start = nats_NowInNanoSeconds();
+    for (int64_t i = 0; i < count; i++) natsConnection_Publish(pub, subject, payload, size);
+    natsConnection_Flush(pub);
+    while (sub && received < count + 1000) nats_Sleep(0);
+    double dt = (nats_NowInNanoSeconds() - start) / 1e9;
+    printf("{\"rate\": %f}\n", count / dt);
+    return 0;
+}
+"""
+
+
+def build_c_client(workdir: str) -> str | None:
+    """Build the libnats benchmark program; None (with the reason printed) when not possible."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    header = any(
+        os.path.exists(p) for p in ("/usr/include/nats/nats.h", "/usr/local/include/nats/nats.h")
+    )
+    if compiler is None or not header:
+        print(
+            "C client skipped: needs a C compiler and libnats (Debian: apt-get install "
+            "libnats-dev)",
+            file=sys.stderr,
+        )
+        return None
+    source = os.path.join(workdir, "cbench.c")
+    binary = os.path.join(workdir, "cbench")
+    with open(source, "w") as f:
+        f.write(_C_SOURCE)
+    result = subprocess.run(
+        [compiler, "-O2", "-o", binary, source, "-lnats"], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        print(f"C client skipped: build failed:\n{result.stderr[-1000:]}", file=sys.stderr)
+        return None
+    return binary
+
+
+def _run_c(binary: str, scenario: str, url: str, count: int, size: int) -> Any:
+    out = subprocess.run(
+        [binary, scenario, url, str(count), str(size)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # ------------------------------------------------------------------------ driver --
 def _run_raw_child(scenario: str, url: str, count: int, size: int, concurrency: int) -> Any:
     out = subprocess.run(
@@ -331,6 +415,7 @@ async def run_bench(
     scenarios: tuple[str, ...] | list[str],
     config: BenchConfig,
     progress: Callable[[str, int, str], None] | None = None,
+    c_binary: str | None = None,
 ) -> dict[str, Any]:
     """Run the scenarios against ``url``; returns raw figures, the summary and machine facts.
 
@@ -344,6 +429,7 @@ async def run_bench(
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {"trionats": [], "raw": []} for s in scenarios
     }
+    c_results: dict[str, list[dict[str, Any]]] = {}
     for rep in range(config.reps):
         for scenario in scenarios:
             n = config.count_for(scenario)
@@ -357,11 +443,18 @@ async def run_bench(
             results[scenario]["trionats"].append(ours)
             if progress:
                 progress(scenario, rep, "trionats")
+            if c_binary is not None and scenario in C_SCENARIOS:
+                c = await trio.to_thread.run_sync(_run_c, c_binary, scenario, url, n, config.size)
+                c_results.setdefault(scenario, []).append(c)
+    summary = summarize(results)
+    for scenario, runs in c_results.items():
+        summary[scenario]["c_rate"] = statistics.median(run["rate"] for run in runs)
     return {
         "config": asdict(config),
         "machine": machine_facts(),
         "results": results,
-        "summary": summarize(results),
+        "c_client": c_results,
+        "summary": summary,
     }
 
 

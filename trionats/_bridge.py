@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import types
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
+import sniffio
 import trio
 import trio_asyncio
+import trio_asyncio._handles
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
 from nats.protocol.command import pub_cmd as _pub_cmd
@@ -64,6 +69,62 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     log.debug("asyncio loop reported: %s", context.get("message"), exc_info=exc)
 
 
+# Handles run back to back before the batched main loop yields to Trio's scheduler.
+_LOOP_BATCH = 64
+
+
+async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
+    """trio-asyncio's ``_main_loop_one``, minus a Trio checkpoint per asyncio callback.
+
+    The original awaits its handle channel (a full Trio scheduling round, inside a new
+    cancel scope) for every callback: ~11 µs per callback instead of asyncio's 1.4 µs, and
+    every hop of a read/flush chain waits for another scheduler batch. This version runs
+    whatever is already queued without yielding, up to ``_LOOP_BATCH`` handles, then does
+    one checkpoint; it waits (one checkpoint) only when the queue is empty, and opens a
+    cancel scope only when a timer bounds the wait. Same order, same semantics.
+    """
+    ran = 0
+    while True:
+        obj = None
+        timeout = math.inf
+        if self._timers:
+            timeout = self._timers[0]._when - self.time()
+            if timeout <= 0:
+                obj = heapq.heappop(self._timers)
+        if obj is None:
+            try:
+                obj = self._q_recv.receive_nowait()
+            except trio.WouldBlock:
+                if no_wait:
+                    raise
+                if ran:
+                    return  # let _main_loop check _stopped; we wait on the next call
+                if timeout == math.inf:
+                    obj = await self._q_recv.receive()
+                else:
+                    with trio.move_on_after(timeout):
+                        obj = await self._q_recv.receive()
+                    if obj is None:
+                        return
+            if isinstance(obj, asyncio.TimerHandle):
+                heapq.heappush(self._timers, obj)
+                continue
+        if isinstance(obj, trio_asyncio._handles.AsyncHandle):
+            obj._context.run(self._nursery.start_soon, obj._run, name=obj._callback)
+            await obj._started.wait()
+            return
+        if not obj._cancelled:
+            previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+            try:
+                obj._run()
+            finally:
+                sniffio.thread_local.name = previous
+        ran += 1
+        if ran >= _LOOP_BATCH or no_wait:
+            await trio.lowlevel.checkpoint()
+            return
+
+
 @asynccontextmanager
 async def loop_scope() -> AsyncIterator[None]:
     """Run the block with a trio-asyncio loop: the caller's if one is open, else a new one."""
@@ -73,6 +134,8 @@ async def loop_scope() -> AsyncIterator[None]:
     try:
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(_exception_handler)
+            # Looked up on the instance at every iteration of the loop's _main_loop.
+            loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
             yield
     except BaseExceptionGroup as group:
         # open_loop's nurseries wrap whatever the block raised; hand callers the original.

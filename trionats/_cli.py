@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -133,7 +134,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from ._bench import SCENARIOS, BenchConfig, run_bench
+    from ._bench import SCENARIOS, BenchConfig, build_c_client, run_bench
 
     scenarios = args.scenario or list(SCENARIOS)
     config = (
@@ -153,30 +154,42 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             progress.update(task, advance=1, description=f"{scenario} rep {rep + 1} {side}")
 
         async with AsyncExitStack() as stack:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="trionats-bench-"))
+            c_binary = build_c_client(workdir) if args.with_c else None
             url = args.url
             if url is None:
                 server = await stack.enter_async_context(open_nats_server())
                 url = server.url
-            report = await run_bench(url, scenarios, config, advance)
-    table = Table(title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs)")
-    for column in ("scenario", "raw nats-py", "trionats", "ratio", "ratio spread", "latency"):
+            report = await run_bench(url, scenarios, config, advance, c_binary)
+    table = Table(
+        title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs; "
+        f"median of {config.reps}, latency trionats / raw)"
+    )
+    columns = ["scenario", "raw nats-py", "trionats", "ratio", "spread", "p50 ms", "p99 ms"]
+    if args.with_c:
+        columns.append("C libnats")
+    for column in columns:
         table.add_column(column, justify="left" if column == "scenario" else "right")
     for scenario, row in report["summary"].items():
-        latency = ""
-        if "raw_p99_ms" in row:
-            latency = (
-                f"p50 {row['trionats_p50_ms']:.2f}/{row['raw_p50_ms']:.2f} ms, "
-                f"p99 {row['trionats_p99_ms']:.2f}/{row['raw_p99_ms']:.2f} ms"
-            )
-        table.add_row(
+        p50 = p99 = ""
+        if "raw_p99_ms" in row:  # trionats / raw
+            p50 = f"{row['trionats_p50_ms']:.2f} / {row['raw_p50_ms']:.2f}"
+            p99 = f"{row['trionats_p99_ms']:.2f} / {row['raw_p99_ms']:.2f}"
+        cells = [
             scenario,
             f"{row['raw_rate']:,.0f}/s",
             f"{row['trionats_rate']:,.0f}/s",
             f"{row['ratio']:.2f}x",
             f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}",
-            latency,
-        )
-    Console().print(table)
+            p50,
+            p99,
+        ]
+        if args.with_c:
+            cells.append(f"{row['c_rate']:,.0f}/s" if "c_rate" in row else "-")
+        table.add_row(*cells)
+    out = Console()
+    out.width = max(out.width, 110)
+    out.print(table)
     if args.json:
         with open(args.json, "w") as f:  # noqa: ASYNC230 - once, at the end
             json.dump(report, f, indent=2)
@@ -212,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--concurrency", type=int, default=100, help="concurrent requesters")
     p_bench.add_argument("--url", default=None, help="use this server, not an embedded one")
     p_bench.add_argument("--json", default=None, metavar="FILE")
+    p_bench.add_argument(
+        "--with-c", action="store_true", help="add the C client libnats as the ceiling"
+    )
     p_server = commands.add_parser("server", help="run the embedded nats-server until Ctrl-C")
     p_server.add_argument("--port", type=int, default=None)
     p_server.add_argument("--jetstream", action="store_true")

@@ -774,23 +774,30 @@ class Connection:
             self._subs.discard(sub)
             self._unsubscribe_nowait(sub)
 
-    def _unsubscribe_nowait(self, sub: Subscription) -> None:
+    def _unsubscribe_nowait(self, sub: Subscription, *, send_unsub: bool = True) -> None:
+        """Stop routing messages to ``sub`` and end it (after what it has buffered)."""
         nats_sub = sub._nats_sub
         sub._end()
         if nats_sub is None:
             return
         sub._nats_sub = None
+        self._client._remove_sub(nats_sub._id)
+        if send_unsub:
+            self._send_unsub(nats_sub)
+
+    def _send_unsub(self, nats_sub: Any) -> None:
+        """Queue an UNSUB; the server stops sending after it (in-flight messages still come)."""
         client = self._client
-        client._remove_sub(nats_sub._id)
-        if client.is_connected:
-            coro = client._send_unsubscribe(nats_sub._id)
-            try:
-                coro.send(None)
-            except StopIteration:
-                return
-            except Exception:  # pragma: no cover - connection died meanwhile
-                return
-            coro.close()  # pragma: no cover
+        if not client.is_connected:
+            return  # nats-py does not replay removed subscriptions on reconnect
+        coro = client._send_unsubscribe(nats_sub._id)
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        except Exception:  # pragma: no cover - the connection died meanwhile
+            return
+        coro.close()  # pragma: no cover - the UNSUB is queued; only the kick is skipped
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         self._unsubscribe_nowait(sub)
@@ -840,10 +847,15 @@ class Connection:
         try:
             with trio.move_on_after(timeout):
                 subs = list(self._subs)
+                # UNSUB first and keep routing: messages the server sent before it must
+                # still reach the buffers. After the PONG nothing more can come.
                 for sub in subs:
-                    self._unsubscribe_nowait(sub)
+                    if sub._nats_sub is not None:
+                        self._send_unsub(sub._nats_sub)
                 if self._client.is_connected:
                     await self._ping()
+                for sub in subs:
+                    self._unsubscribe_nowait(sub, send_unsub=False)
                 for sub in subs:
                     await sub._wait_emptied()
                 if self._client.is_connected:

@@ -62,15 +62,34 @@ async def monitor_json(server: NatsServer, path: str = "/connz") -> dict[str, An
     if server.monitor_port is None:
         raise ValueError("the server was started without monitor=True")
     stream = await trio.open_tcp_stream("127.0.0.1", server.monitor_port)
+    raw = b""
     async with stream:
         await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        chunks = []
-        while data := await stream.receive_some(65536):
-            chunks.append(data)
-    raw = b"".join(chunks)
-    _, _, body = raw.partition(b"\r\n\r\n")
+        # Read until the body is complete (Content-Length), not until EOF: the server
+        # may reset the connection instead of closing it cleanly.
+        while True:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            if sep:
+                length = _content_length(head)
+                if length is not None and len(body) >= length:
+                    break
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                break
+            raw += data
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return None
 
 
 async def wait_for_connections(server: NatsServer, count: int, timeout: float = 10.0) -> int:
