@@ -299,7 +299,7 @@ async def test_pending_limits_enforce_a_counted_drop(nats_url: str) -> None:
         # A second flood is a second transition into the dropping state.
         gate = trio.Event()
         await publish_n(pub, "flood", 30)
-        await wait_until(lambda: handle.stats().received == 60)
+        await wait_until(lambda: handle.stats().received == 60 and handle.stats().in_flight == 2)
         s = handle.stats()
         assert s.dropped - first == 28 - s.pending
         gate.set()
@@ -354,7 +354,7 @@ async def test_stop_lets_in_flight_work_finish_and_unsubscribes(nats_url: str) -
     ):
         handle = await subscriber.start("s", handler)
         await publish_n(pub, "s", 6)
-        await wait_until(lambda: handle.stats().received == 6 and handle.stats().in_flight == 1)
+        await wait_until(lambda: handle.stats().received == 6 and handle.stats().in_flight == 4)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(handle.stop, 30)
             await trio.testing.wait_all_tasks_blocked()

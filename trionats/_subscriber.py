@@ -40,6 +40,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from . import _errors
+from ._validate import check_queue, check_subscribe_subject
 
 if TYPE_CHECKING:
     from ._connection import Connection, Msg, Subscription
@@ -631,6 +632,8 @@ class Subscriber:
         """
         if not callable(handler):
             raise TypeError(f"handler must be an async function, got {handler!r}")
+        check_subscribe_subject(subject)
+        check_queue(queue)
         if max_workers is None:
             max_workers = self._config.max_workers
         else:
@@ -642,7 +645,14 @@ class Subscriber:
         self._core.add(handle._core)
         self._active[handle] = None
         try:
-            await self._nursery.start(handle._run, self._conn)
+            try:
+                await self._nursery.start(handle._run, self._conn)
+            except BaseExceptionGroup as group:
+                # What _run raised before it was started, wrapped by nursery.start.
+                leaf = _unwrap(group)
+                if leaf is None:
+                    raise
+                raise leaf from leaf.__cause__
         except BaseException:
             self._core.stopping(handle._core)
             self._core.stopped(handle._core)
