@@ -1,0 +1,728 @@
+"""The pool's bookkeeping: a synchronous, I/O-free state machine.
+
+Like httpcore's ``_assign_requests_to_connections``, every method here is a pure state
+change taking the current time as a number; nothing awaits, sleeps or touches a socket.
+What must happen afterwards (connections to close, waiting borrowers to wake, leaks to
+report) is put in an *outbox* that the async layer (``_pool.py``) drains right after the
+call, in the same synchronous step. That keeps one owner for every connection and every
+slot at every instant, and lets a plain hypothesis state machine drive this module with a
+fake clock and fake connections (``property_tests/``).
+
+Ownership: a connection is in exactly one of
+
+* a server's idle list (owned by the pool),
+* a :class:`Lease` (owned by the borrower until :meth:`PoolCore.release`),
+* the close outbox (owned by whoever drains it; counted as closed already).
+
+A slot being dialed is a :class:`DialTicket`, owned by the borrower until it calls
+:meth:`PoolCore.dial_succeeded`, :meth:`PoolCore.dial_failed` or
+:meth:`PoolCore.dial_aborted`. A borrower that must wait holds a :class:`Waiter`; when the
+pool hands it something (``waiter.grant``) it is put in the wake outbox, and a waiter
+cancelled at any point gives everything back (:meth:`PoolCore.cancel_waiter`).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+
+from ._backoff import backoff_delay
+from ._errors import PoolClosedError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._config import PoolConfig
+
+__all__ = [
+    "CloseReason",
+    "CloseStats",
+    "DialTicket",
+    "Lease",
+    "PoolCore",
+    "PoolStats",
+    "ServerStats",
+    "Waiter",
+]
+
+C = TypeVar("C")
+
+
+class CloseReason(enum.Enum):
+    """Why the pool closed a connection."""
+
+    EXPIRED = "expired"
+    """Past its MaxLife (retired from idle, or on return)."""
+    UNHEALTHY = "unhealthy"
+    """Not connected / closed / draining, or returned after an error from the connection."""
+    OVERFLOW = "overflow"
+    """Returned while its server's idle list was full."""
+    SHUTDOWN = "shutdown"
+    """The pool was closing."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    """One server's share of the pool.
+
+    Attributes:
+        url: the server's URL.
+        idle: idle connections.
+        borrowed: connections lent out.
+        dialing: dials in progress.
+        in_backoff: True while the server is avoided after a dial failure.
+        next_retry_at: when the backoff ends (Trio clock), or None when not in backoff.
+        consecutive_failures: dial failures since the last success.
+    """
+
+    url: str
+    idle: int
+    borrowed: int
+    dialing: int
+    in_backoff: bool
+    next_retry_at: float | None
+    consecutive_failures: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CloseStats:
+    """Connections closed by the pool, by reason (see :class:`CloseReason`).
+
+    Attributes:
+        expired: past their MaxLife.
+        unhealthy: broken, or returned after an error from the connection.
+        overflow: returned while the idle list was full.
+        shutdown: closed because the pool closed.
+    """
+
+    expired: int
+    unhealthy: int
+    overflow: int
+    shutdown: int
+
+    @property
+    def total(self) -> int:
+        """All closes."""
+        return self.expired + self.unhealthy + self.overflow + self.shutdown
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of a pool's state and counters (``pool.stats()``).
+
+    Attributes:
+        servers: per-server state, in the order of ``PoolConfig.servers``.
+        idle: idle connections, all servers.
+        borrowed: connections lent out, all servers.
+        dialing: dials in progress, all servers.
+        waiting: borrowers waiting in the FIFO queue now.
+        created: connections dialed successfully.
+        reused: borrows served from an idle connection.
+        reuse_rate: ``reused / (reused + created)``, 0.0 before the first borrow.
+        closed: connections closed, by reason.
+        dial_failures: dials that failed (each put its server in backoff).
+        waits: borrows that had to queue.
+        wait_time_total: seconds spent queued, summed over those borrows.
+        wait_time_max: the longest time one borrow spent queued.
+        timeouts: borrows that failed with :class:`trionats.PoolTimeoutError`.
+        leaks_detected: leases held past ``leak_timeout`` (each counted once).
+        closing: True once the pool is shutting down.
+    """
+
+    servers: tuple[ServerStats, ...]
+    idle: int
+    borrowed: int
+    dialing: int
+    waiting: int
+    created: int
+    reused: int
+    reuse_rate: float
+    closed: CloseStats
+    dial_failures: int
+    waits: int
+    wait_time_total: float
+    wait_time_max: float
+    timeouts: int
+    leaks_detected: int
+    closing: bool
+
+
+@final
+class _Entry(Generic[C]):
+    """One live connection and its fixed facts."""
+
+    __slots__ = ("alive", "born", "conn", "expires_at", "id", "server")
+
+    def __init__(self, id: int, server: int, conn: C, born: float, expires_at: float) -> None:
+        self.id = id
+        self.server = server
+        self.conn = conn
+        self.born = born
+        self.expires_at = expires_at
+        self.alive = True  # False once handed to the close outbox
+
+    def __lt__(self, other: _Entry[C]) -> bool:  # for heap ties
+        return self.id < other.id
+
+
+@final
+class Lease(Generic[C]):
+    """A borrowed connection. Owned by the borrower until released.
+
+    Attributes:
+        conn: the connection.
+        server: index of its server in ``PoolConfig.servers``.
+        born: when the connection was created (pool clock).
+        expires_at: when it reaches its MaxLife.
+        borrowed_at: when this lease began.
+        reused: True if it came from the idle list (False: freshly dialed).
+        holder: opaque information about the borrower (the async layer's task + frame).
+        leak_reported: True once reported as a leak.
+        revoked: set by the async layer when it cancels the holder (leak or shutdown).
+        detached: True when the pool gave up waiting for it at shutdown and closed the
+            connection itself; releasing it later is then a no-op.
+        token: free for the async layer (its cancel scope).
+    """
+
+    __slots__ = (
+        "_entry",
+        "borrowed_at",
+        "detached",
+        "holder",
+        "id",
+        "leak_reported",
+        "released",
+        "reused",
+        "revoked",
+        "token",
+    )
+
+    def __init__(self, id: int, entry: _Entry[C], now: float, reused: bool, holder: Any) -> None:
+        self.id = id
+        self._entry = entry
+        self.borrowed_at = now
+        self.reused = reused
+        self.holder = holder
+        self.leak_reported = False
+        self.revoked: str | None = None
+        self.detached = False
+        self.released = False
+        self.token: Any = None
+
+    @property
+    def conn(self) -> C:
+        return self._entry.conn
+
+    @property
+    def server(self) -> int:
+        return self._entry.server
+
+    @property
+    def born(self) -> float:
+        return self._entry.born
+
+    @property
+    def expires_at(self) -> float:
+        return self._entry.expires_at
+
+
+@final
+class DialTicket:
+    """Permission to dial one server: a reserved slot, owned by the borrower.
+
+    Attributes:
+        server: index of the server to dial.
+        started_at: when the slot was reserved.
+        holder: the borrower's opaque information.
+        token: free for the async layer (the dial's cancel scope).
+    """
+
+    __slots__ = ("done", "holder", "id", "server", "started_at", "token")
+
+    def __init__(self, id: int, server: int, now: float, holder: Any) -> None:
+        self.id = id
+        self.server = server
+        self.started_at = now
+        self.holder = holder
+        self.done = False
+        self.token: Any = None
+
+
+Grant = Lease[Any] | DialTicket
+
+
+@final
+class Waiter:
+    """A borrower queued for a connection or a dial slot.
+
+    Attributes:
+        grant: None while queued; then the :class:`Lease` or :class:`DialTicket` handed
+            over, or a :class:`PoolClosedError` when the pool closed.
+        enqueued_at: when it started waiting.
+        holder: the borrower's opaque information.
+        token: free for the async layer (the parked Trio task).
+    """
+
+    __slots__ = ("enqueued_at", "grant", "holder", "id", "queued", "token")
+
+    def __init__(self, id: int, now: float, holder: Any) -> None:
+        self.id = id
+        self.enqueued_at = now
+        self.holder = holder
+        self.grant: Lease[Any] | DialTicket | PoolClosedError | None = None
+        self.queued = True
+        self.token: Any = None
+
+
+@final
+class _Server(Generic[C]):
+    __slots__ = ("borrowed", "dialing", "failures", "idle", "retry_at", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.idle: list[_Entry[C]] = []  # LIFO: append and pop at the end
+        self.borrowed = 0
+        self.dialing = 0
+        self.failures = 0
+        self.retry_at = -math.inf
+
+    @property
+    def open(self) -> int:
+        return len(self.idle) + self.borrowed + self.dialing
+
+
+@final
+class PoolCore(Generic[C]):
+    """The pool's state: idle lists, leases, dial slots, waiters, backoff and counters.
+
+    Args:
+        config: the pool's configuration.
+        is_healthy: a cheap, synchronous health check of a connection (connected, not
+            closed, not draining). Called when a connection leaves the idle list and when it
+            is returned.
+        rng: the random source for server choice, life jitter and backoff jitter.
+
+    After each call, drain :attr:`to_close` (connections to close, already counted) and
+    :attr:`to_wake` (waiters whose ``grant`` is set) and :attr:`new_leaks`.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        is_healthy: Callable[[C], bool],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._healthy = is_healthy
+        self._rng = rng if rng is not None else random.Random()
+        self._servers: list[_Server[C]] = [_Server(url) for url in config.servers]
+        self._idle_max = config.idle_per_server
+        self._max_open = config.max_per_server if config.max_per_server is not None else -1
+        self._ids = itertools.count(1)
+        self._leases: dict[int, Lease[C]] = {}  # borrowed, in borrow order
+        self._unreported: dict[int, Lease[C]] = {}  # borrowed, not yet reported as leaks
+        self._tickets: dict[int, DialTicket] = {}
+        self._waiters: deque[Waiter] = deque()
+        self._expiry: list[tuple[float, _Entry[C]]] = []  # heap over live connections
+        self.closing = False
+        # outbox
+        self.to_close: list[tuple[C, CloseReason]] = []
+        self.to_wake: list[Waiter] = []
+        self.new_leaks: list[Lease[C]] = []
+        # counters
+        self._idle_total = 0
+        self._borrowed_total = 0
+        self._dialing_total = 0
+        self.created = 0
+        self.reused = 0
+        self._closed = dict.fromkeys(CloseReason, 0)
+        self.dial_failures = 0
+        self.waits = 0
+        self.wait_time_total = 0.0
+        self.wait_time_max = 0.0
+        self.timeouts = 0
+        self.leaks_detected = 0
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def borrowed(self) -> int:
+        return self._borrowed_total
+
+    @property
+    def dialing(self) -> int:
+        return self._dialing_total
+
+    @property
+    def idle(self) -> int:
+        return self._idle_total
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def leases(self) -> list[Lease[C]]:
+        """The leases lent out now, oldest first."""
+        return list(self._leases.values())
+
+    def tickets(self) -> list[DialTicket]:
+        """The dials in progress."""
+        return list(self._tickets.values())
+
+    def idle_connections(self, server: int) -> list[C]:
+        """A server's idle connections, oldest first (the next borrow takes the last)."""
+        return [e.conn for e in self._servers[server].idle]
+
+    def in_backoff(self, server: int, now: float) -> bool:
+        return self._servers[server].retry_at > now
+
+    def next_deadline(self) -> float:
+        """The earliest time :meth:`tick` has something to do (``math.inf``: nothing)."""
+        expiry = self._expiry
+        while expiry and not expiry[0][1].alive:
+            heapq.heappop(expiry)
+        deadline = expiry[0][0] if expiry else math.inf
+        if self._unreported:
+            first = next(iter(self._unreported.values()))
+            deadline = min(deadline, first.borrowed_at + self.config.leak_timeout)
+        if self._waiters:
+            for server in self._servers:
+                if server.retry_at > -math.inf:
+                    deadline = min(deadline, server.retry_at)
+        return deadline
+
+    def stats(self, now: float) -> PoolStats:
+        servers = tuple(
+            ServerStats(
+                url=s.url,
+                idle=len(s.idle),
+                borrowed=s.borrowed,
+                dialing=s.dialing,
+                in_backoff=s.retry_at > now,
+                next_retry_at=s.retry_at if s.retry_at > now else None,
+                consecutive_failures=s.failures,
+            )
+            for s in self._servers
+        )
+        served = self.reused + self.created
+        closed = self._closed
+        return PoolStats(
+            servers=servers,
+            idle=self._idle_total,
+            borrowed=self._borrowed_total,
+            dialing=self._dialing_total,
+            waiting=len(self._waiters),
+            created=self.created,
+            reused=self.reused,
+            reuse_rate=self.reused / served if served else 0.0,
+            closed=CloseStats(
+                expired=closed[CloseReason.EXPIRED],
+                unhealthy=closed[CloseReason.UNHEALTHY],
+                overflow=closed[CloseReason.OVERFLOW],
+                shutdown=closed[CloseReason.SHUTDOWN],
+            ),
+            dial_failures=self.dial_failures,
+            waits=self.waits,
+            wait_time_total=self.wait_time_total,
+            wait_time_max=self.wait_time_max,
+            timeouts=self.timeouts,
+            leaks_detected=self.leaks_detected,
+            closing=self.closing,
+        )
+
+    # -- internals -----------------------------------------------------------------------
+    def _close(self, entry: _Entry[C], reason: CloseReason) -> None:
+        entry.alive = False
+        self._closed[reason] += 1
+        self.to_close.append((entry.conn, reason))
+
+    def _lend(self, entry: _Entry[C], now: float, reused: bool, holder: Any) -> Lease[C]:
+        lease = Lease(next(self._ids), entry, now, reused, holder)
+        self._leases[lease.id] = lease
+        self._unreported[lease.id] = lease
+        self._servers[entry.server].borrowed += 1
+        self._borrowed_total += 1
+        if reused:
+            self.reused += 1
+        return lease
+
+    def _try_grant(self, now: float, holder: Any) -> Grant | None:
+        """An idle connection or a dial slot, or None when the borrower must wait."""
+        servers = self._servers
+        while True:
+            if len(servers) == 1:
+                s0 = servers[0]
+                with_idle = [0] if s0.idle and s0.retry_at <= now else []
+            else:
+                with_idle = [i for i, s in enumerate(servers) if s.idle and s.retry_at <= now]
+            if not with_idle:
+                break
+            index = with_idle[0] if len(with_idle) == 1 else self._rng.choice(with_idle)
+            server = servers[index]
+            entry = server.idle.pop()
+            self._idle_total -= 1
+            if entry.expires_at <= now:
+                self._close(entry, CloseReason.EXPIRED)
+            elif not self._healthy(entry.conn):
+                self._close(entry, CloseReason.UNHEALTHY)
+            else:
+                return self._lend(entry, now, True, holder)
+        max_open = self._max_open
+        can_dial = [
+            i
+            for i, s in enumerate(servers)
+            if s.retry_at <= now and (max_open < 0 or s.open < max_open)
+        ]
+        if not can_dial:
+            return None
+        index = can_dial[0] if len(can_dial) == 1 else self._rng.choice(can_dial)
+        ticket = DialTicket(next(self._ids), index, now, holder)
+        servers[index].dialing += 1
+        self._dialing_total += 1
+        self._tickets[ticket.id] = ticket
+        return ticket
+
+    def _end_wait(self, waiter: Waiter, now: float) -> None:
+        waiter.queued = False
+        waited = max(0.0, now - waiter.enqueued_at)
+        self.wait_time_total += waited
+        if waited > self.wait_time_max:
+            self.wait_time_max = waited
+
+    def _assign_waiters(self, now: float) -> None:
+        """Hand what is available to the waiters, first come first served."""
+        waiters = self._waiters
+        while waiters:
+            grant = self._try_grant(now, waiters[0].holder)
+            if grant is None:
+                return
+            waiter = waiters.popleft()
+            self._end_wait(waiter, now)
+            waiter.grant = grant
+            self.to_wake.append(waiter)
+
+    # -- borrowing -----------------------------------------------------------------------
+    def request(self, now: float, holder: Any = None, *, retry: bool = False) -> Grant | Waiter:
+        """A borrower asks for a connection.
+
+        Returns a :class:`Lease` (an idle hit), a :class:`DialTicket` (dial, then report
+        the outcome), or a queued :class:`Waiter` (wait until ``waiter.grant`` is set and
+        it is in :attr:`to_wake`, or cancel it). Waiters are served FIFO: while anyone is
+        queued, a new request queues behind them. ``retry=True`` (a borrower whose dial just
+        failed) queues at the front instead, keeping its place.
+
+        Raises:
+            PoolClosedError: the pool is closing.
+        """
+        if self.closing:
+            raise PoolClosedError("the pool is closed")
+        if not self._waiters:
+            grant = self._try_grant(now, holder)
+            if grant is not None:
+                return grant
+        waiter = Waiter(next(self._ids), now, holder)
+        if retry:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        self.waits += 1
+        self._assign_waiters(now)
+        return waiter
+
+    def cancel_waiter(self, waiter: Waiter, now: float) -> None:
+        """A waiting borrower gave up (cancelled or timed out); nothing stays reserved.
+
+        Safe at any point: still queued (it leaves the queue), or already granted but not
+        yet resumed (the lease goes back as if returned unused; the dial slot is freed).
+        """
+        if waiter.queued:
+            self._waiters.remove(waiter)
+            self._end_wait(waiter, now)
+            return
+        grant = waiter.grant
+        waiter.grant = None
+        if isinstance(grant, Lease):
+            if grant.reused:
+                self.reused -= 1  # it was never used: not a reuse
+            self.release(grant, now)
+        elif isinstance(grant, DialTicket):
+            self.dial_aborted(grant, now)
+
+    def record_timeout(self) -> None:
+        """Count a borrow that failed with PoolTimeoutError."""
+        self.timeouts += 1
+
+    def dial_succeeded(self, ticket: DialTicket, conn: C, now: float) -> Lease[C] | None:
+        """The dial of ``ticket`` produced ``conn``: it becomes the borrower's lease.
+
+        Resets the server's backoff. Returns None when the pool started closing meanwhile
+        (the connection is then in the close outbox).
+        """
+        self._end_dial(ticket)
+        server = self._servers[ticket.server]
+        server.failures = 0
+        server.retry_at = -math.inf
+        cfg = self.config
+        jitter = cfg.max_life_jitter
+        life = cfg.max_life * (1.0 + self._rng.uniform(-jitter, jitter)) if jitter else cfg.max_life
+        entry = _Entry(next(self._ids), ticket.server, conn, now, now + life)
+        self.created += 1
+        if self.closing:
+            self._close(entry, CloseReason.SHUTDOWN)
+            return None
+        heapq.heappush(self._expiry, (entry.expires_at, entry))
+        return self._lend(entry, now, False, ticket.holder)
+
+    def dial_failed(self, ticket: DialTicket, now: float) -> float:
+        """The dial of ``ticket`` failed: put its server in backoff. Returns the delay."""
+        self._end_dial(ticket)
+        server = self._servers[ticket.server]
+        server.failures += 1
+        cfg = self.config
+        delay = backoff_delay(server.failures, cfg.backoff_min, cfg.backoff_max, self._rng)
+        server.retry_at = max(server.retry_at, now + delay)
+        self.dial_failures += 1
+        self._assign_waiters(now)
+        return delay
+
+    def dial_aborted(self, ticket: DialTicket, now: float) -> None:
+        """The dial was cancelled (not the server's fault): free the slot, no backoff."""
+        self._end_dial(ticket)
+        self._assign_waiters(now)
+
+    def _end_dial(self, ticket: DialTicket) -> None:
+        if ticket.done:
+            raise RuntimeError("dial ticket used twice")
+        ticket.done = True
+        del self._tickets[ticket.id]
+        self._servers[ticket.server].dialing -= 1
+        self._dialing_total -= 1
+
+    def release(self, lease: Lease[C], now: float, *, suspect: bool = False) -> None:
+        """The borrower gives the connection back.
+
+        It goes to its server's idle list if healthy, young and there is room; else it is
+        closed (reason in the outbox). ``suspect=True`` (an error from the connection)
+        closes it as unhealthy without a second look.
+        """
+        if lease.released:
+            raise RuntimeError("lease released twice")
+        lease.released = True
+        if lease.detached:
+            return
+        del self._leases[lease.id]
+        self._unreported.pop(lease.id, None)
+        entry = lease._entry
+        server = self._servers[entry.server]
+        server.borrowed -= 1
+        self._borrowed_total -= 1
+        if self.closing:
+            self._close(entry, CloseReason.SHUTDOWN)
+        elif suspect or not self._healthy(entry.conn):
+            self._close(entry, CloseReason.UNHEALTHY)
+        elif entry.expires_at <= now:
+            self._close(entry, CloseReason.EXPIRED)
+        elif self._waiters and server.retry_at <= now:
+            # Straight to the first waiter: it was queued before anyone who could pop it.
+            server.idle.append(entry)
+            self._idle_total += 1
+            self._assign_waiters(now)
+            return
+        elif len(server.idle) >= self._idle_max:
+            self._close(entry, CloseReason.OVERFLOW)
+        else:
+            server.idle.append(entry)
+            self._idle_total += 1
+            return
+        if self._waiters:
+            self._assign_waiters(now)
+
+    # -- time ----------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Do what is due at ``now``: retire expired idle connections, detect leaks, and
+        serve waiters whose servers came out of backoff."""
+        expiry = self._expiry
+        retired = False
+        while expiry and (expiry[0][0] <= now or not expiry[0][1].alive):
+            _, entry = heapq.heappop(expiry)
+            if not entry.alive:
+                continue
+            server = self._servers[entry.server]
+            # A borrowed connection is never closed for age: it is retired on return.
+            if entry in server.idle:
+                server.idle.remove(entry)
+                self._idle_total -= 1
+                self._close(entry, CloseReason.EXPIRED)
+                retired = True
+        leak_timeout = self.config.leak_timeout
+        unreported = self._unreported
+        while unreported:
+            lease = next(iter(unreported.values()))
+            if lease.borrowed_at + leak_timeout > now:
+                break
+            del unreported[lease.id]
+            lease.leak_reported = True
+            self.leaks_detected += 1
+            self.new_leaks.append(lease)
+        if self._waiters or retired:
+            self._assign_waiters(now)
+
+    # -- shutdown ------------------------------------------------------------------------
+    def close(self, now: float) -> None:
+        """Start shutting down: close idle connections, fail the waiters.
+
+        Leases and dials in progress finish normally; their connections are closed when
+        they come back.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        for server in self._servers:
+            while server.idle:
+                self._close(server.idle.pop(), CloseReason.SHUTDOWN)
+        self._idle_total = 0
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            self._end_wait(waiter, now)
+            waiter.grant = PoolClosedError("the pool closed while waiting for a connection")
+            self.to_wake.append(waiter)
+
+    def detach_all(self) -> None:
+        """Give up on the leases still out: close their connections now (shutdown)."""
+        for lease in list(self._leases.values()):
+            del self._leases[lease.id]
+            self._unreported.pop(lease.id, None)
+            lease.detached = True
+            entry = lease._entry
+            self._servers[entry.server].borrowed -= 1
+            self._borrowed_total -= 1
+            self._close(entry, CloseReason.SHUTDOWN)
+
+    def check(self) -> None:
+        """Verify the internal counts (tests call this; cheap enough for debugging)."""
+        idle = sum(len(s.idle) for s in self._servers)
+        borrowed = sum(s.borrowed for s in self._servers)
+        dialing = sum(s.dialing for s in self._servers)
+        assert idle == self._idle_total, (idle, self._idle_total)
+        assert borrowed == self._borrowed_total == len(self._leases)
+        assert dialing == self._dialing_total == len(self._tickets)
+        seen: set[int] = set()
+        for server in self._servers:
+            assert len(server.idle) <= self._idle_max
+            for entry in server.idle:
+                assert entry.alive
+                assert entry.id not in seen
+                seen.add(entry.id)
+        for lease in self._leases.values():
+            assert lease._entry.alive
+            assert lease._entry.id not in seen
+            seen.add(lease._entry.id)
