@@ -60,6 +60,8 @@ Handler = Callable[["Msg"], Awaitable[bytes | None]]
 """``async def handler(msg) -> bytes | None``; returned bytes answer a request."""
 
 _MAX_ERROR_HEADER = 256
+_YIELD_EVERY = 64
+"""Messages one worker handles between two full yields to the Trio scheduler."""
 
 
 def _check_int(name: str, value: object) -> None:
@@ -378,11 +380,17 @@ class SubscriptionHandle:
         self._handler = handler
         self._core = _HandleCore(max_workers)
         self._sub: Subscription | None = None
-        self._dispatch_scope = trio.CancelScope()
-        self._workers_scope: trio.CancelScope | None = None
+        self._workers: trio.Nursery | None = None
+        self._n_workers = 0
+        self._limit = min(max_workers, subscriber._config.max_workers)
+        # Idle workers park here; one more waits on the subscription, or (when no slot is
+        # free) on the subscriber's slot_freed lot, so a message never waits unwatched.
+        self._idle = ParkingLot()
+        self._slot_watchers = 0
+        self._wake_run = trio.Event()  # stop requested, or the subscription ended
         self._stop_deadline = math.inf
         self._done = trio.Event()
-        self._task_name = f"trionats.subscriber handler {subject!r}"
+        self._task_name = f"trionats.subscriber worker {subject!r}"
 
     # -- public --------------------------------------------------------------------------
     def stats(self) -> SubscriberStats:
@@ -438,9 +446,10 @@ class SubscriptionHandle:
         """Stop taking now; cancel in-flight handlers at ``deadline`` (-inf: now)."""
         self._subscriber._core.stopping(self._core)
         self._stop_deadline = min(self._stop_deadline, deadline)
-        self._dispatch_scope.cancel()
-        if self._workers_scope is not None:
-            self._workers_scope.deadline = min(self._workers_scope.deadline, deadline)
+        self._wake_run.set()
+        if self._workers is not None:
+            scope = self._workers.cancel_scope
+            scope.deadline = min(scope.deadline, deadline)
 
     async def _wait_stopped(self) -> None:
         try:
@@ -459,7 +468,7 @@ class SubscriptionHandle:
         config = self._subscriber._config
         try:
             async with trio.open_nursery() as workers:
-                self._workers_scope = workers.cancel_scope
+                self._workers = workers
                 if self._stop_deadline < math.inf:
                     workers.cancel_scope.deadline = self._stop_deadline
                 try:
@@ -471,9 +480,9 @@ class SubscriptionHandle:
                     ) as sub:
                         self._sub = sub
                         sub_core.running(self._core, sub)
+                        self._spawn(1)
                         task_status.started()
-                        with self._dispatch_scope:
-                            await self._dispatch(sub, workers)
+                        await self._wake_run.wait()
                         if self._core.state is _State.RUNNING:
                             log.warning(
                                 "subscription on %r ended (connection closed); "
@@ -481,9 +490,12 @@ class SubscriptionHandle:
                                 self.subject,
                             )
                 finally:
-                    # Leaving `subscribe` unsubscribed (synchronously): nothing more arrives.
+                    # Leaving `subscribe` unsubscribed (synchronously) and woke the worker
+                    # waiting on it: nothing more arrives.
                     sub_core.stopping(self._core)
                     self._discard_buffered()
+                    self._idle.unpark_all()
+                    self._subscriber._slot_freed.unpark_all()
                 # The nursery now waits for in-flight handlers, until the stop deadline.
         finally:
             sub_core.stopped(self._core)
@@ -494,30 +506,72 @@ class SubscriptionHandle:
         if self._sub is not None:
             _discard_buffered(self._subscriber._core, self._core, self._sub)
 
-    async def _dispatch(self, sub: Subscription, workers: trio.Nursery) -> None:
-        """Take messages only as fast as worker slots free up; start one task per message."""
+    def _spawn(self, n: int) -> None:
+        workers, sub = self._workers, self._sub
+        assert workers is not None
+        assert sub is not None
+        for _ in range(min(n, self._limit - self._n_workers)):
+            self._n_workers += 1
+            workers.start_soon(self._worker, sub, name=self._task_name)
+
+    def _recruit(self, n: int) -> None:
+        """Get ``n`` more workers going: wake idle ones, start new ones up to the limit."""
+        if n > 0:
+            woken = len(self._idle.unpark(count=n))
+            if woken < n:
+                self._spawn(n - woken)
+
+    async def _worker(self, sub: Subscription) -> None:
+        """Take a message only when a worker slot is free, handle it, repeat.
+
+        Workers are started lazily (at most ``min(max_workers of the handle, of the
+        subscriber)``) and live until the subscription stops, so a busy subscription pays
+        no task spawn or dispatcher hop per message. One idle worker watches (waits on
+        the subscription, or for a free slot when all are taken); the others park until a
+        worker that takes a message recruits them.
+        """
         sub_core = self._subscriber._core
         core = self._core
-        lot = self._subscriber._slot_freed
-        run = self._run_handler
-        name = self._task_name
+        slot_freed = self._subscriber._slot_freed
+        since_yield = 0
         while True:
+            if core.state is not _State.RUNNING:
+                return
             free = sub_core.free_slots(core)
-            if free <= 0:
-                await lot.park()
+            if free > 0 and sub.pending:
+                sub_core.taken(core)
+                msg = sub._take()
+                # Slots left: get a worker going per buffered message, plus one to wait on
+                # the subscription if nobody does.
+                watched = sub._waiter is not None or self._slot_watchers > 0
+                self._recruit(min(sub.pending, free - 1) + (0 if watched else 1))
+                await self._handle_one(msg)
+                since_yield += 1
+                if since_yield >= _YIELD_EVERY:  # a no-op handler never yields by itself
+                    since_yield = 0
+                    await trio.lowlevel.checkpoint()
                 continue
-            n = sub.pending
-            if not n:
-                if sub._ended:
-                    return
+            since_yield = 0
+            if free <= 0:
+                if sub._waiter is None and not self._slot_watchers:
+                    # Watch for a free slot on behalf of this subscription.
+                    self._slot_watchers += 1
+                    try:
+                        await slot_freed.park()
+                    finally:
+                        self._slot_watchers -= 1
+                else:
+                    await self._idle.park()
+            elif sub._ended:
+                self._wake_run.set()
+                return
+            elif sub._waiter is None:
                 # TODO(connection): a public Subscription.wait_nonempty() would replace this.
                 await sub._wait()
-                continue
-            for _ in range(min(n, free)):
-                sub_core.taken(core)
-                workers.start_soon(run, sub._take(), name=name)
+            else:
+                await self._idle.park()
 
-    async def _run_handler(self, msg: Msg) -> None:
+    async def _handle_one(self, msg: Msg) -> None:
         subscriber = self._subscriber
         timeout = subscriber._config.handler_timeout
         outcome = Outcome.CANCELLED
