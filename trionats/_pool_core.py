@@ -673,6 +673,9 @@ class PoolCore(Generic[C]):
             lease.leak_reported = True
             self.leaks_detected += 1
             self.new_leaks.append(lease)
+        for server in self._servers:
+            if server.retry_at <= now:
+                server.retry_at = -math.inf  # out of backoff (failures count until a success)
         if self._waiters or retired:
             self._assign_waiters(now)
 

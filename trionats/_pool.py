@@ -1,0 +1,552 @@
+"""The connection pool: ``open_pool`` and ``Pool.borrow``.
+
+Layering: this module drives the synchronous bookkeeping in ``_pool_core`` and does the
+I/O it asks for (dial, close, wake a waiting task, log a leak). Every core call is
+followed, in the same synchronous step, by :meth:`Pool._drain`, so a grant and the wake-up
+of its borrower can never be separated by a cancel.
+
+Returning a connection (``__aexit__`` of ``borrow``), the choice made here:
+
+* the block finished normally: the connection is health-checked (connected, not closed,
+  not draining) and kept if young and there is room;
+* the block was cancelled, or raised an exception unrelated to the connection (a user
+  error): the same health check, then reuse. trionats operations are cancel-safe (a
+  cancelled ``request`` discards its late reply; a cancelled ``publish`` sent nothing), so
+  a healthy connection is not poisoned by a cancel;
+* the block raised a :class:`trionats.TrionatsError` or :class:`OSError` (or an exception
+  group containing one): the connection is *suspect* and closed without a second look.
+  Exceptions that do not speak about the connection are the exception:
+  :class:`~trionats.NoRespondersError` (a 503 proves the connection works) and the pool's
+  own :class:`~trionats.PoolTimeoutError`, :class:`~trionats.PoolClosedError`,
+  :class:`~trionats.LeaseExpiredError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import traceback
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final, overload
+
+import trio
+from trio.lowlevel import (
+    Abort,
+    cancel_shielded_checkpoint,
+    checkpoint_if_cancelled,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
+)
+
+from ._errors import (
+    ConnectError,
+    LeaseExpiredError,
+    NoRespondersError,
+    PoolClosedError,
+    PoolTimeoutError,
+    TrionatsError,
+)
+from ._pool_core import (
+    CloseReason,
+    CloseStats,
+    DialTicket,
+    Lease,
+    PoolCore,
+    PoolStats,
+    ServerStats,
+    Waiter,
+)
+
+if TYPE_CHECKING:
+    import random
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from ._config import PoolConfig
+    from ._connection import Connection
+
+__all__ = [
+    "Borrow",
+    "CloseReason",
+    "CloseStats",
+    "Pool",
+    "PoolStats",
+    "PooledConnection",
+    "ServerStats",
+    "open_pool",
+]
+
+log = logging.getLogger("trionats.pool")
+
+
+class PooledConnection(Protocol):
+    """What the pool needs from a connection (``trionats.Connection`` has it all)."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    @property
+    def is_draining(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+C = TypeVar("C", bound=PooledConnection)
+
+_Holder = tuple[trio.lowlevel.Task, FrameType | None, int]
+
+_NOT_ABOUT_THE_CONNECTION = (
+    NoRespondersError,
+    PoolTimeoutError,
+    PoolClosedError,
+    LeaseExpiredError,
+)
+
+
+def _is_healthy(conn: PooledConnection) -> bool:
+    return conn.is_connected and not conn.is_closed and not conn.is_draining
+
+
+def _is_suspect(exc: BaseException | None) -> bool:
+    """Did the block fail in a way that speaks against the connection?"""
+    if exc is None:
+        return False
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_suspect(e) for e in exc.exceptions)
+    if isinstance(exc, _NOT_ABOUT_THE_CONNECTION):
+        return False
+    return isinstance(exc, TrionatsError | OSError)
+
+
+def _describe(holder: Any) -> tuple[str, str]:
+    """The holder task's name and the stack (task root -> borrow site) where it borrowed."""
+    task, frame, lineno = holder
+    frames: list[tuple[FrameType, int]] = []
+    found = False
+    if frame is not None:
+        for f, ln in task.iter_await_frames():
+            if f is frame:
+                frames.append((f, lineno))
+                found = True
+                break
+            frames.append((f, ln))
+        if not found:
+            frames = [(frame, lineno)]
+    stack = "".join(traceback.StackSummary.extract(frames, lookup_lines=True).format())
+    return task.name, stack or "  (no stack)\n"
+
+
+@final
+class Borrow(Generic[C]):
+    """The async context manager returned by :meth:`Pool.borrow`. Single use."""
+
+    __slots__ = ("_holder", "_lease", "_pool", "_scope", "_timeout", "_used")
+
+    def __init__(self, pool: Pool[C], timeout: float | None, holder: _Holder) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._holder = holder
+        self._lease: Lease[C] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._used = False
+
+    async def __aenter__(self) -> C:
+        if self._used:
+            raise RuntimeError("a pool.borrow() context manager can only be entered once")
+        self._used = True
+        lease = await self._pool._acquire(self._timeout, self._holder)
+        # No checkpoint from here to the return: the lease cannot be lost to a cancel.
+        scope = trio.CancelScope()
+        scope.__enter__()
+        lease.token = scope
+        self._lease = lease
+        self._scope = scope
+        return lease.conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        lease = self._lease
+        scope = self._scope
+        assert lease is not None
+        assert scope is not None
+        self._lease = None
+        self._scope = None
+        try:
+            # CancelScope.__exit__ returns True also when there was nothing to swallow.
+            swallowed = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
+        finally:
+            self._pool._release(lease, _is_suspect(exc))
+        if swallowed:
+            # Only the pool cancels this scope: a leak (leak_action="cancel") or shutdown.
+            held = trio.current_time() - lease.borrowed_at
+            if lease.revoked == "leak":
+                raise LeaseExpiredError(
+                    f"the connection was held for {held:.3f} s, more than leak_timeout="
+                    f"{self._pool.config.leak_timeout} s; the pool cancelled the block"
+                )
+            raise PoolClosedError(
+                "the pool closed while the connection was borrowed; the block was cancelled"
+            )
+        return False
+
+
+@final
+class Pool(Generic[C]):
+    """A pool of NATS connections to a list of servers. Create it with :func:`open_pool`.
+
+    Borrow a connection for the duration of a block with :meth:`borrow`; read the state
+    with :meth:`stats`.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        dial: Callable[[str], Awaitable[C]],
+        rng: random.Random | None,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._config = config
+        self._dial = dial
+        self._core: PoolCore[C] = PoolCore(config, is_healthy=_is_healthy, rng=rng)
+        self._nursery = nursery
+        self._hk_scope: trio.CancelScope | None = None
+        self._all_back: trio.Event | None = None
+
+    @property
+    def config(self) -> PoolConfig:
+        """The pool's configuration."""
+        return self._config
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's state and counters (see :class:`PoolStats`)."""
+        return self._core.stats(trio.current_time())
+
+    def borrow(self, timeout: float | None = 10.0) -> Borrow[C]:
+        """Borrow a connection for the duration of an ``async with`` block.
+
+        The connection goes back to the pool when the block exits, however it exits
+        (see the module docs for which connections are kept). An idle connection of a
+        server not in backoff is reused newest-first; otherwise one is dialed under
+        ``dial_timeout``. With ``max_per_server`` reached, or every server in backoff,
+        borrowers wait in FIFO order.
+
+        Example::
+
+            async with pool.borrow(timeout=5) as nc:
+                await nc.publish("orders.new", b"...")
+
+        Args:
+            timeout: seconds to wait for a connection (queueing and dialing together), or
+                None to wait as long as the enclosing cancel scopes allow.
+
+        Raises:
+            PoolTimeoutError: no connection within ``timeout`` (chained to the last dial
+                error, if any).
+            PoolClosedError: the pool is closing, or closed while the block ran (the
+                block is cancelled first).
+            LeaseExpiredError: with ``leak_action="cancel"``, the block held the connection
+                longer than ``leak_timeout`` and was cancelled.
+        """
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or math.isnan(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+        frame = sys._getframe(1)
+        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno))
+
+    # -- acquiring ---------------------------------------------------------------------
+    async def _acquire(self, timeout: float | None, holder: _Holder) -> Lease[C]:
+        await checkpoint_if_cancelled()
+        core = self._core
+        now = trio.current_time()
+        result = core.request(now, holder)
+        self._drain()
+        if type(result) is Lease:
+            await cancel_shielded_checkpoint()
+            return result
+        last_error: BaseException | None = None
+        with trio.CancelScope(deadline=math.inf if timeout is None else now + timeout):
+            while True:
+                if isinstance(result, Waiter):
+                    result = await self._wait(result)
+                if isinstance(result, Lease):
+                    return result
+                assert isinstance(result, DialTicket)
+                ticket = result
+                try:
+                    conn = await self._dial_ticket(ticket)
+                except (TrionatsError, OSError) as exc:
+                    if isinstance(exc, PoolClosedError):
+                        core.dial_aborted(ticket, trio.current_time())
+                        self._drain()
+                        raise
+                    now = trio.current_time()
+                    delay = core.dial_failed(ticket, now)
+                    self._drain()
+                    url = self._config.servers[ticket.server]
+                    log.info("dial %s failed (%r); backing off %.3f s", url, exc, delay)
+                    last_error = exc
+                    result = core.request(now, holder, retry=True)
+                    self._drain()
+                    continue
+                except BaseException:
+                    core.dial_aborted(ticket, trio.current_time())
+                    self._drain()
+                    raise
+                lease = core.dial_succeeded(ticket, conn, trio.current_time())
+                self._drain()
+                if lease is None:
+                    raise PoolClosedError("the pool closed while dialing")
+                return lease
+        core.record_timeout()
+        raise PoolTimeoutError(
+            f"no connection within {timeout} s"
+            + (f" (last dial error: {last_error})" if last_error is not None else "")
+        ) from last_error
+
+    async def _wait(self, waiter: Waiter) -> Lease[C] | DialTicket:
+        waiter.token = current_task()
+        core = self._core
+
+        def abort(_: Any) -> Abort:
+            # Still queued (a granted waiter was rescheduled in the same step): leave the
+            # queue; nothing was reserved for it.
+            core.cancel_waiter(waiter, trio.current_time())
+            return Abort.SUCCEEDED
+
+        await wait_task_rescheduled(abort)
+        grant = waiter.grant
+        if isinstance(grant, PoolClosedError):
+            raise grant
+        assert grant is not None
+        return grant
+
+    async def _dial_ticket(self, ticket: DialTicket) -> C:
+        url = self._config.servers[ticket.server]
+        with trio.move_on_after(self._config.dial_timeout) as scope:
+            ticket.token = scope
+            return await self._dial(url)
+        if self._core.closing:
+            raise PoolClosedError("the pool closed while dialing")
+        raise ConnectError(f"dialing {url} took more than {self._config.dial_timeout} s")
+
+    # -- returning ---------------------------------------------------------------------
+    def _release(self, lease: Lease[C], suspect: bool) -> None:
+        core = self._core
+        if lease.leak_reported and not lease.detached:
+            name, stack = _describe(lease.holder)
+            log.warning(
+                "leaked connection returned after %.3f s by task %r; it was borrowed at:\n%s",
+                trio.current_time() - lease.borrowed_at,
+                name,
+                stack,
+            )
+        core.release(lease, trio.current_time(), suspect=suspect)
+        self._drain()
+
+    # -- the outbox ----------------------------------------------------------------------
+    def _drain(self) -> None:
+        core = self._core
+        if core.to_close:
+            items = list(core.to_close)
+            core.to_close.clear()
+            self._nursery.start_soon(self._close_conns, items)
+        if core.to_wake:
+            for waiter in core.to_wake:
+                reschedule(waiter.token)
+            core.to_wake.clear()
+        if core.new_leaks:
+            leaks = list(core.new_leaks)
+            core.new_leaks.clear()
+            for lease in leaks:
+                self._report_leak(lease)
+        hk = self._hk_scope
+        if hk is not None:
+            deadline = core.next_deadline()
+            if deadline < hk.deadline:
+                hk.deadline = deadline
+        if self._all_back is not None and not core.borrowed and not core.dialing:
+            self._all_back.set()
+
+    def _report_leak(self, lease: Lease[C]) -> None:
+        name, stack = _describe(lease.holder)
+        cancel = self._config.leak_action == "cancel"
+        log.warning(
+            "connection lease held for %.3f s (leak_timeout=%s s) by task %r%s; borrowed at:\n%s",
+            trio.current_time() - lease.borrowed_at,
+            self._config.leak_timeout,
+            name,
+            "; cancelling it" if cancel else "",
+            stack,
+        )
+        if cancel and lease.token is not None:
+            lease.revoked = "leak"
+            lease.token.cancel()
+
+    async def _close_conns(self, items: list[tuple[C, CloseReason]]) -> None:
+        with trio.CancelScope(shield=True):
+            for conn, reason in items:
+                with trio.move_on_after(self._config.close_timeout):
+                    try:
+                        await conn.aclose()
+                    except Exception as exc:  # pragma: no cover - aclose does not raise
+                        log.debug("closing a %s connection failed: %r", reason.value, exc)
+
+    # -- background ----------------------------------------------------------------------
+    async def _housekeeper(self, *, task_status: trio.TaskStatus[None]) -> None:
+        core = self._core
+        task_status.started()
+        while True:
+            with trio.CancelScope(deadline=core.next_deadline()) as scope:
+                self._hk_scope = scope
+                await trio.sleep_forever()
+            self._hk_scope = None
+            core.tick(trio.current_time())
+            self._drain()
+
+    async def _shutdown(self) -> None:
+        """Stop lending, close idle connections, wait (bounded) for the borrowed ones."""
+        core = self._core
+        self._all_back = trio.Event()
+        core.close(trio.current_time())
+        self._drain()
+        timeout = self._config.close_timeout
+        with trio.move_on_after(timeout):
+            await self._all_back.wait()
+        if self._all_back.is_set():
+            return
+        log.warning(
+            "pool closing: %d connection(s) still borrowed and %d dial(s) in progress after"
+            " %s s; cancelling their holders",
+            core.borrowed,
+            core.dialing,
+            timeout,
+        )
+        for lease in core.leases():
+            if lease.token is not None:
+                lease.revoked = "shutdown"
+                lease.token.cancel()
+        for ticket in core.tickets():
+            if ticket.token is not None:
+                ticket.token.cancel()
+        with trio.move_on_after(timeout):
+            await self._all_back.wait()
+        if not self._all_back.is_set():
+            log.warning("pool closing: closing %d connection(s) still borrowed", core.borrowed)
+            core.detach_all()
+            self._drain()
+
+
+def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+@asynccontextmanager
+async def _run_pool(
+    config: PoolConfig, dial: Callable[[str], Awaitable[C]], rng: random.Random | None
+) -> AsyncIterator[Pool[C]]:
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = Pool(config, dial, rng, nursery)
+            await nursery.start(pool._housekeeper)
+            try:
+                yield pool
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool._shutdown()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Hand callers what their block raised, not a group made by our nursery.
+        leaf = _single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__
+
+
+@overload
+def open_pool(
+    config: PoolConfig, *, dial: None = None, rng: random.Random | None = None
+) -> AbstractAsyncContextManager[Pool[Connection]]: ...
+
+
+@overload
+def open_pool(
+    config: PoolConfig,
+    *,
+    dial: Callable[[str], Awaitable[C]],
+    rng: random.Random | None = None,
+) -> AbstractAsyncContextManager[Pool[C]]: ...
+
+
+def open_pool(
+    config: PoolConfig,
+    *,
+    dial: Callable[[str], Awaitable[Any]] | None = None,
+    rng: random.Random | None = None,
+) -> AbstractAsyncContextManager[Pool[Any]]:
+    """Run a connection pool for the duration of the block.
+
+    The pool's housekeeper (MaxLife retirement, leak sweeps, backoff wake-ups) runs in a
+    nursery owned by the block. Leaving the block stops lending, fails waiting borrowers
+    with :class:`PoolClosedError`, closes idle connections, waits up to
+    ``config.close_timeout`` for borrowed connections to come back, then cancels their
+    holders (their ``borrow`` blocks raise :class:`PoolClosedError`) and waits as long
+    again, and finally closes whatever is left. Nothing outlives the block, even when it
+    is cancelled.
+
+    Example::
+
+        config = trionats.PoolConfig(servers=["nats://127.0.0.1:4222"])
+        async with trionats.open_pool(config) as pool:
+            async with pool.borrow(timeout=5) as nc:
+                await nc.publish("a.b", b"x")
+            print(pool.stats().reuse_rate)
+
+    Args:
+        config: the pool's configuration.
+        dial: ``async def dial(url) -> connection``; default: :func:`trionats.connect`
+            with ``name``, ``dial_timeout`` and ``close_timeout`` from ``config``, on a
+            trio-asyncio loop this block opens when none is running. Tests pass fakes
+            (no asyncio needed); the result must have ``is_connected``, ``is_closed``,
+            ``is_draining`` and ``aclose()``.
+        rng: the random source for server choice and jitter (for reproducible tests).
+    """
+    if dial is not None:
+        return _run_pool(config, dial, rng)
+    return _run_real_pool(config, rng)
+
+
+@asynccontextmanager
+async def _run_real_pool(
+    config: PoolConfig, rng: random.Random | None
+) -> AsyncIterator[Pool[Connection]]:
+    from . import _bridge
+    from ._connection import connect
+
+    async def dial(url: str) -> Connection:
+        return await connect(
+            url,
+            name=config.name,
+            connect_timeout=config.dial_timeout,
+            close_timeout=config.close_timeout,
+        )
+
+    async with _bridge.loop_scope(), _run_pool(config, dial, rng) as pool:
+        yield pool
