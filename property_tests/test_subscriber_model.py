@@ -44,9 +44,9 @@ from trionats._subscriber import (
     SubscriberStats,
     _discard_buffered,
     _HandleCore,
+    _open_subscriber,
     _State,
     _SubscriberCore,
-    open_subscriber,
 )
 
 
@@ -301,7 +301,7 @@ async def test_real_subscriber_against_fake_connection(
             if msg.subject in stopped_subjects:
                 violations.append(f"handler for {msg.subject} ran after stop returned")
 
-    async with open_subscriber(conn, config) as subscriber:  # type: ignore[arg-type]
+    async with _open_subscriber(conn, config) as subscriber:  # type: ignore[arg-type]
         handles = [await subscriber.start("a", handler)]
         n_subjects = 1
         for _ in range(data.draw(st.integers(1, 30))):

@@ -11,6 +11,8 @@ import trio
 import trio.testing
 
 import trionats
+from trionats._config import PoolConfig
+from trionats._pool import open_pool
 from trionats._subscriber import (
     SubscriberConfig,
     SubscriberStats,
@@ -535,6 +537,27 @@ async def test_subscription_ends_when_its_connection_closes(nats_url: str) -> No
             await handle.stop()
         assert handle.stopped
         assert subscriber.active() == []
+
+
+async def test_subscriber_on_a_pool_borrows_one_connection(nats_url: str) -> None:
+    async def handler(msg: trionats.Msg) -> bytes:
+        return msg.data.upper()
+
+    async with open_pool(PoolConfig(servers=[nats_url])) as pool:
+        async with open_subscriber(pool) as subscriber:
+            await subscriber.start("up", handler)
+            assert pool.stats().borrowed == 1
+            async with pool.borrow() as nc:
+                reply = await nc.request("up", b"abc", timeout=5)
+            assert reply.data == b"ABC"
+        assert pool.stats().borrowed == 0
+        assert subscriber.stats().processed == 1
+
+
+async def test_open_subscriber_rejects_other_objects() -> None:
+    with pytest.raises(TypeError, match="Connection or a Pool"):
+        async with open_subscriber("nats://127.0.0.1:4222"):  # type: ignore[arg-type]
+            pass  # pragma: no cover
 
 
 # -- reconnect ----------------------------------------------------------------------------

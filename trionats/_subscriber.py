@@ -44,6 +44,7 @@ from ._validate import check_queue, check_subscribe_subject
 
 if TYPE_CHECKING:
     from ._connection import Connection, Msg, Subscription
+    from ._pool import Pool
 
 __all__ = [
     "Handler",
@@ -755,7 +756,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
 
 @asynccontextmanager
 async def open_subscriber(
-    nc_or_pool: Connection, config: SubscriberConfig | None = None
+    nc_or_pool: Connection | Pool[Connection], config: SubscriberConfig | None = None
 ) -> AsyncIterator[Subscriber]:
     """Run concurrent message handlers for the duration of the block.
 
@@ -765,6 +766,10 @@ async def open_subscriber(
     every subscription (see :meth:`SubscriptionHandle.stop`) with ``config.stop_timeout`` as
     the grace period; an exception or a cancel does the same with the time that is left.
 
+    Given a pool, one connection is borrowed (``pool.borrow()``, its default timeout) for
+    the lifetime of the block and returned when every subscription has stopped. Note that
+    the pool's ``leak_timeout`` applies to that lease too.
+
     Example::
 
         async with trionats.open_connection(url) as nc:
@@ -773,21 +778,38 @@ async def open_subscriber(
                 await trio.sleep_forever()
 
     Args:
-        nc_or_pool: the connection to subscribe on.
+        nc_or_pool: the connection to subscribe on, or a pool to borrow one from.
         config: limits and timeouts; the defaults of :class:`SubscriberConfig` if None.
 
     Raises:
-        TypeError: ``config`` is not a SubscriberConfig.
+        TypeError: ``config`` is not a SubscriberConfig, or ``nc_or_pool`` is neither a
+            Connection nor a Pool.
+        trionats.PoolTimeoutError: no connection could be borrowed from the pool.
     """
-    # TODO(pool): accept a Pool and borrow one connection for the subscriber's lifetime
-    # (`async with pool.borrow() as nc:`) once trionats._pool exists.
+    from ._connection import Connection
+    from ._pool import Pool
+
     if config is None:
         config = SubscriberConfig()
     elif not isinstance(config, SubscriberConfig):
         raise TypeError(f"config must be a SubscriberConfig, got {type(config).__name__}")
+    if isinstance(nc_or_pool, Pool):
+        async with nc_or_pool.borrow() as nc, _open_subscriber(nc, config) as subscriber:
+            yield subscriber
+    elif isinstance(nc_or_pool, Connection):
+        async with _open_subscriber(nc_or_pool, config) as subscriber:
+            yield subscriber
+    else:
+        raise TypeError(
+            f"open_subscriber needs a Connection or a Pool, got {type(nc_or_pool).__name__}"
+        )
+
+
+@asynccontextmanager
+async def _open_subscriber(conn: Connection, config: SubscriberConfig) -> AsyncIterator[Subscriber]:
     try:
         async with trio.open_nursery() as nursery:
-            subscriber = Subscriber(nc_or_pool, config, nursery)
+            subscriber = Subscriber(conn, config, nursery)
             try:
                 yield subscriber
             finally:
