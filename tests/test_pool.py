@@ -6,6 +6,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -244,21 +245,34 @@ async def test_leak_cancel_raises_lease_expired_and_reclaims(nats_server: NatsSe
         assert stats.idle == 1
 
 
-async def test_shutdown_with_borrowed_connections(nats_server: NatsServer) -> None:
-    config = PoolConfig(servers=[nats_server.url], close_timeout=0.3)
+@pytest.mark.parametrize("leak_action", ["cancel", "report"])
+async def test_shutdown_with_borrowed_connections(
+    nats_server: NatsServer, leak_action: str
+) -> None:
+    from trionats._errors import ConnectionClosedError
+
+    config = PoolConfig(
+        servers=[nats_server.url],
+        close_timeout=0.3,
+        leak_action=leak_action,  # type: ignore[arg-type]
+    )
     outcome: list[str] = []
     got = trio.Event()
     polite_out = trio.Event()
 
-    async def stubborn(pool: Pool[object]) -> None:
+    async def stubborn(pool: Pool[Any]) -> None:
         try:
-            async with pool.borrow():
+            async with pool.borrow() as nc:
                 got.set()
-                await trio.sleep_forever()
+                while True:  # uses the connection until something stops it
+                    await nc.flush()
+                    await trio.sleep(0.01)
         except PoolClosedError:
-            outcome.append("stubborn: PoolClosedError")
+            outcome.append("stubborn: PoolClosedError")  # cancelled by the pool
+        except ConnectionClosedError:
+            outcome.append("stubborn: ConnectionClosedError")  # closed under it
 
-    async def polite(pool: Pool[object]) -> None:
+    async def polite(pool: Pool[Any]) -> None:
         async with pool.borrow():
             polite_out.set()
             await wait_until(lambda: pool.stats().closing)
@@ -277,7 +291,8 @@ async def test_shutdown_with_borrowed_connections(nats_server: NatsServer) -> No
         with pytest.raises(PoolClosedError):
             async with pool.borrow():
                 pass  # pragma: no cover
-    assert sorted(outcome) == ["polite: returned", "stubborn: PoolClosedError"]
+    expected = "PoolClosedError" if leak_action == "cancel" else "ConnectionClosedError"
+    assert sorted(outcome) == ["polite: returned", f"stubborn: {expected}"]
     await wait_connz(nats_server, 0)
 
 

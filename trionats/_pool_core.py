@@ -335,6 +335,8 @@ class PoolCore(Generic[C]):
         self._waiters: deque[Waiter] = deque()
         self._expiry: list[tuple[float, _Entry[C]]] = []  # heap over live connections
         self.closing = False
+        self.wake_at = math.inf
+        """Earliest deadline created since the async layer last looked (a cheap hint)."""
         # outbox
         self.to_close: list[tuple[C, CloseReason]] = []
         self.to_wake: list[Waiter] = []
@@ -449,6 +451,9 @@ class PoolCore(Generic[C]):
         lease = Lease(next(self._ids), entry, now, reused, holder)
         self._leases[lease.id] = lease
         self._unreported[lease.id] = lease
+        leak_at = now + self.config.leak_timeout
+        if leak_at < self.wake_at:
+            self.wake_at = leak_at
         self._servers[entry.server].borrowed += 1
         self._borrowed_total += 1
         if reused:
@@ -536,6 +541,10 @@ class PoolCore(Generic[C]):
             self._waiters.append(waiter)
         self.waits += 1
         self._assign_waiters(now)
+        if waiter.queued:
+            for server in self._servers:
+                if now < server.retry_at < self.wake_at:
+                    self.wake_at = server.retry_at
         return waiter
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
@@ -580,6 +589,8 @@ class PoolCore(Generic[C]):
             self._close(entry, CloseReason.SHUTDOWN)
             return None
         heapq.heappush(self._expiry, (entry.expires_at, entry))
+        if entry.expires_at < self.wake_at:
+            self.wake_at = entry.expires_at
         return self._lend(entry, now, False, ticket.holder)
 
     def dial_failed(self, ticket: DialTicket, now: float) -> float:
@@ -590,6 +601,8 @@ class PoolCore(Generic[C]):
         cfg = self.config
         delay = backoff_delay(server.failures, cfg.backoff_min, cfg.backoff_max, self._rng)
         server.retry_at = max(server.retry_at, now + delay)
+        if server.retry_at < self.wake_at:
+            self.wake_at = server.retry_at
         self.dial_failures += 1
         self._assign_waiters(now)
         return delay
