@@ -1,7 +1,9 @@
 """Hypothesis profiles for the property suite.
 
 * ``ci`` (the default): fast, the whole suite well under a minute on two cores;
-* ``long``: many more and longer runs, ``pytest property_tests --hypothesis-profile=long``.
+* ``long``: many more and longer runs (about 3 minutes on two cores), so lift the per-test
+  timeouts: ``pytest property_tests --hypothesis-profile=long -o timeout=900
+  -o faulthandler_timeout=900``.
 """
 
 from __future__ import annotations

@@ -591,7 +591,11 @@ class PoolCore(Generic[C]):
         heapq.heappush(self._expiry, (entry.expires_at, entry))
         if entry.expires_at < self.wake_at:
             self.wake_at = entry.expires_at
-        return self._lend(entry, now, False, ticket.holder)
+        lease = self._lend(entry, now, False, ticket.holder)
+        if self._waiters:
+            # The server just came out of backoff: borrowers queued meanwhile can dial it.
+            self._assign_waiters(now)
+        return lease
 
     def dial_failed(self, ticket: DialTicket, now: float) -> float:
         """The dial of ``ticket`` failed: put its server in backoff. Returns the delay."""
