@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import time
 
 import pytest
@@ -401,3 +402,35 @@ async def test_open_connection_inside_existing_trio_asyncio_loop(nats_url: str) 
         async with trionats.open_connection(nats_url) as nc:
             await nc.flush()
         assert trio_asyncio.current_loop.get() is loop
+
+
+async def test_flush_in_flight_fails_when_the_connection_closes(
+    nats_server: trionats.NatsServer,
+) -> None:
+    async with trionats.open_connection(nats_server.url) as nc:
+        assert nats_server._process is not None
+        nats_server._process.send_signal(signal.SIGSTOP)  # the PONG will not come
+        try:
+            with trio.fail_after(5):  # bounded polling until the kernel has stopped it
+                while _process_state(nats_server._process.pid) != "T":  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+            outcome: list[str] = []
+
+            async def flush() -> None:
+                with pytest.raises(trionats.ConnectionClosedError):
+                    await nc.flush(timeout=60)
+                outcome.append("failed fast")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flush)
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(10):
+                    await nc.aclose()
+            assert outcome == ["failed fast"]
+        finally:
+            nats_server._process.send_signal(signal.SIGCONT)
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

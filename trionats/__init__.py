@@ -10,6 +10,7 @@ Layers (imports point downward only)::
     _subscriber, _pool   ->   _connection   ->   _bridge (asyncio, trio_asyncio, nats)
 """
 
+from ._config import PoolConfig as PoolConfig
 from ._connection import Connection as Connection
 from ._connection import ConnectionEvent as ConnectionEvent
 from ._connection import ConnectionStats as ConnectionStats
@@ -17,6 +18,7 @@ from ._connection import EventKind as EventKind
 from ._connection import EventStream as EventStream
 from ._connection import Msg as Msg
 from ._connection import Subscription as Subscription
+from ._connection import connect as connect
 from ._connection import open_connection as open_connection
 from ._errors import ConnectError as ConnectError
 from ._errors import ConnectionClosedError as ConnectionClosedError
@@ -29,14 +31,28 @@ from ._errors import ServerNotFoundError as ServerNotFoundError
 from ._errors import SubscriptionClosedError as SubscriptionClosedError
 from ._errors import TimeoutError as TimeoutError
 from ._errors import TrionatsError as TrionatsError
+from ._pool import CloseReason as CloseReason
+from ._pool import CloseStats as CloseStats
+from ._pool import Pool as Pool
+from ._pool import PoolStats as PoolStats
+from ._pool import ServerStats as ServerStats
+from ._pool import open_pool as open_pool
 from ._server import NatsServer as NatsServer
 from ._server import find_nats_server as find_nats_server
 from ._server import open_nats_cluster as open_nats_cluster
 from ._server import open_nats_server as open_nats_server
+from ._subscriber import Handler as Handler
+from ._subscriber import Subscriber as Subscriber
+from ._subscriber import SubscriberConfig as SubscriberConfig
+from ._subscriber import SubscriberStats as SubscriberStats
+from ._subscriber import SubscriptionHandle as SubscriptionHandle
+from ._subscriber import open_subscriber as open_subscriber
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CloseReason",
+    "CloseStats",
     "ConnectError",
     "Connection",
     "ConnectionClosedError",
@@ -44,22 +60,34 @@ __all__ = [
     "ConnectionStats",
     "EventKind",
     "EventStream",
+    "Handler",
     "LeaseExpiredError",
     "Msg",
     "NatsServer",
     "NoRespondersError",
+    "Pool",
     "PoolClosedError",
+    "PoolConfig",
+    "PoolStats",
     "PoolTimeoutError",
     "ReconnectBufferFullError",
     "ServerNotFoundError",
+    "ServerStats",
+    "Subscriber",
+    "SubscriberConfig",
+    "SubscriberStats",
     "Subscription",
     "SubscriptionClosedError",
+    "SubscriptionHandle",
     "TimeoutError",
     "TrionatsError",
+    "connect",
     "find_nats_server",
     "open_connection",
     "open_nats_cluster",
     "open_nats_server",
+    "open_pool",
+    "open_subscriber",
 ]
 
 

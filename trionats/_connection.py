@@ -513,7 +513,7 @@ class Connection:
         self._events_dropped = 0
         self._closed = False
         self._draining = False
-        self._broken = False  # an operation failed in a way that makes the connection suspect
+        self._pings: set[Any] = set()  # PONG futures being waited for (failed on close)
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -828,7 +828,12 @@ class Connection:
         if not self._client.is_connected:
             raise _errors.ConnectionClosedError("not connected (the connection is reconnecting)")
         bridge = _bridge()
-        await bridge.wait_future(bridge.send_ping(self._client))
+        future = bridge.send_ping(self._client)
+        self._pings.add(future)
+        try:
+            await bridge.wait_future(future)
+        finally:
+            self._pings.discard(future)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Drain and close: stop subscriptions, deliver what was buffered, flush, close.
@@ -885,6 +890,9 @@ class Connection:
                 if task is not None:  # pragma: no cover - requests live inside the block
                     pending.task = None
                     reschedule(task)
+        for future in self._pings:  # flushes in flight fail now, not at their timeout
+            if not future.done():
+                future.set_exception(_errors.ConnectionClosedError("the connection closed"))
         await _bridge().force_close(self._client, self._close_timeout)
         self._emit(ConnectionEvent(EventKind.CLOSED))
         for stream in list(self._event_streams):
