@@ -16,12 +16,18 @@ import trio
 from trionats._cli import _pid_alive, main
 
 
-def test_demo_runs_for_real(capsys: object) -> None:
+def test_demo_runs_for_real(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--messages", "200", "--requests", "20"]) == 0
-    out = capsys.readouterr().out  # type: ignore[attr-defined]
-    assert "subscriber received 200" in out
-    assert "20 concurrent requests answered" in out
-    assert ": gone;" in out
+    out = capsys.readouterr().out
+    assert "published 200 orders through 200 pool borrows" in out
+    assert "20 concurrent requests answered through the pool" in out
+    assert "received 220, processed 218, failed 2, dropped 0" in out
+    assert "health: OK" in out
+    assert "(0 connections left on the server)" in out
+    assert ": gone);" in out
+    tasks = re.search(r"Trio tasks (\d+) before, (\d+) after", out)
+    assert tasks is not None
+    assert tasks.group(1) == tasks.group(2)
 
 
 def _default_sigint() -> None:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._connection import open_connection
 from ._server import open_nats_cluster, open_nats_server
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from ._connection import Msg
 
 __all__ = ["main"]
 
@@ -33,83 +34,123 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def demo(messages: int = 1000, requests: int = 100) -> dict[str, object]:
-    """The guided run behind ``trionats demo``; returns the figures it printed."""
+async def demo(messages: int = 1000, requests: int = 100) -> dict[str, Any]:
+    """The guided run behind ``trionats demo``; returns the figures it printed.
+
+    Embedded server -> pool -> subscriber with a handler -> publishes and requests through
+    pool borrows -> live stats -> a health summary -> everything stopped in order, and a
+    check that nothing was left behind.
+    """
+    import logging
+
+    from ._config import PoolConfig
+    from ._pool import open_pool
+    from ._subscriber import SubscriberConfig, open_subscriber
+    from .testing import monitor_json
+
+    # The demo's failing handler is on purpose; keep its log records out of the story.
+    logging.getLogger("trionats.subscriber").setLevel(logging.CRITICAL)
     t_start = time.perf_counter()
-    async with open_nats_server() as server:
-        _say(f"[1/5] embedded nats-server running at {server.url} (pid {server.pid})")
-        async with (
-            open_connection(server.url, name="demo-publisher") as pub,
-            open_connection(server.url, name="demo-subscriber") as subc,
-        ):
-            _say("[2/5] two connections open: demo-publisher, demo-subscriber")
-            received = 0
-            all_received = trio.Event()
-            async with (
-                subc.subscribe("demo.events.*") as events,
-                subc.subscribe("demo.echo") as echo,
-                trio.open_nursery() as nursery,
-            ):
+    tasks_before = trio.lowlevel.current_statistics().tasks_living
+    handled = 0
+    all_handled = trio.Event()
 
-                async def count_events() -> None:
-                    nonlocal received
-                    async for _msg in events:
-                        received += 1
-                        if received == messages:
-                            all_received.set()
+    async def handle_order(msg: Msg) -> bytes | None:
+        nonlocal handled
+        try:
+            await trio.sleep(0.0005)  # some work
+            number = int(msg.data.rsplit(b" ", 1)[1])
+            if msg.subject.startswith("demo.orders.") and number % 100 == 99:
+                raise ValueError(f"order {number} is invalid")  # counted, isolated
+            return b"confirmed " + msg.data if msg.reply else None
+        finally:
+            handled += 1
+            if handled == messages + requests:
+                all_handled.set()
 
-                async def responder() -> None:
-                    async for msg in echo:
-                        await msg.respond(b"echo: " + msg.data)
+    def line(subscriber: Any, pool: Any) -> str:
+        s, p = subscriber.stats(), pool.stats()
+        return (
+            f"      received {s.received}, processed {s.processed}, failed {s.failed}, "
+            f"dropped {s.dropped}, in flight {s.in_flight} | pool: {p.created} connections "
+            f"created, {p.reused} reused, reuse rate {p.reuse_rate:.1%}"
+        )
 
-                nursery.start_soon(count_events)
-                nursery.start_soon(responder)
+    async with open_nats_server(monitor=True) as server:
+        _say(f"[1/6] embedded nats-server running at {server.url} (pid {server.pid})")
+        config = PoolConfig(servers=[server.url], idle_per_server=4, max_per_server=8, name="demo")
+        async with open_pool(config) as pool:
+            _say("[2/6] pool open: idle_per_server=4, max_per_server=8 (borrowers queue FIFO)")
+            async with open_subscriber(pool, SubscriberConfig(max_workers=16)) as subscriber:
+                handle = await subscriber.start("demo.orders.*", handle_order, queue="workers")
+                ask = await subscriber.start("demo.ask", handle_order, queue="workers")
+                _say("[3/6] subscriber started: demo.orders.* and demo.ask, max_workers=16")
 
                 t0 = time.perf_counter()
                 for i in range(messages):
-                    await pub.publish(f"demo.events.{i % 4}", b"event %d" % i)
-                await pub.flush()
-                with trio.fail_after(10):
-                    await all_received.wait()
+                    async with pool.borrow(timeout=5) as nc:
+                        await nc.publish(f"demo.orders.{i % 4}", b"order %d" % i)
+                    if i % max(1, messages // 4) == 0 and i:
+                        _say(line(subscriber, pool))
                 pub_dt = time.perf_counter() - t0
                 _say(
-                    f"[3/5] published {messages} messages, subscriber received {received} "
-                    f"({messages / pub_dt:,.0f} msg/s end to end)"
+                    f"[4/6] published {messages} orders through {messages} pool borrows "
+                    f"({messages / pub_dt:,.0f}/s)"
                 )
 
-                t0 = time.perf_counter()
                 replies: list[bytes] = []
 
-                async def ask(i: int) -> None:
-                    reply = await pub.request("demo.echo", b"question %d" % i, timeout=5)
+                async def request(i: int) -> None:
+                    async with pool.borrow(timeout=5) as nc:
+                        reply = await nc.request("demo.ask", b"question %d" % i, timeout=5)
                     replies.append(reply.data)
 
+                t0 = time.perf_counter()
                 async with trio.open_nursery() as askers:
                     for i in range(requests):
-                        askers.start_soon(ask, i)
+                        askers.start_soon(request, i)
                 req_dt = time.perf_counter() - t0
+                with trio.fail_after(30):
+                    await all_handled.wait()
                 _say(
-                    f"[4/5] {len(replies)} concurrent requests answered "
+                    f"[5/6] {len(replies)} concurrent requests answered through the pool "
                     f"({requests / req_dt:,.0f} req/s), e.g. {replies[0]!r}"
                 )
-                nursery.cancel_scope.cancel()
-            stats = pub.stats()
-            sub_stats = subc.stats()
-        _say(
-            f"[5/5] closed both connections: published {stats.out_msgs}, "
-            f"received {sub_stats.in_msgs}, dropped {sub_stats.dropped}"
-        )
+                _say(line(subscriber, pool))
+                sub_stats = subscriber.stats()
+                await handle.stop(timeout=5)
+                await ask.stop(timeout=5)
+            pool_stats = pool.stats()
+            healthy = sub_stats.received == sub_stats.processed + sub_stats.failed
+            _say(
+                "      health: "
+                + ("OK" if healthy else "DEGRADED")
+                + f" - every message handled ({sub_stats.failed} handler errors counted and "
+                f"isolated, {sub_stats.dropped} dropped), {pool_stats.leaks_detected} leaks, "
+                f"{pool_stats.timeouts} borrow timeouts, {pool_stats.dial_failures} dial "
+                "failures"
+            )
+        connections = int((await monitor_json(server, "/connz"))["num_connections"])
         pid = server.pid
     alive = _pid_alive(pid)
+    tasks_after = trio.lowlevel.current_statistics().tasks_living
     _say(
-        f"stopped nats-server (pid {pid}): {'STILL RUNNING' if alive else 'gone'}; "
-        f"no connection or task left behind. Total {time.perf_counter() - t_start:.2f} s"
+        f"[6/6] stopped in order: subscriptions, subscriber, pool ({connections} connections "
+        f"left on the server), nats-server (pid {pid}: {'STILL RUNNING' if alive else 'gone'}); "
+        f"Trio tasks {tasks_before} before, {tasks_after} after. "
+        f"Total {time.perf_counter() - t_start:.2f} s"
     )
     return {
         "published": messages,
-        "received": received,
+        "received": sub_stats.received,
+        "processed": sub_stats.processed,
+        "failed": sub_stats.failed,
+        "dropped": sub_stats.dropped,
         "requests": requests,
         "replies": len(replies),
+        "reuse_rate": pool_stats.reuse_rate,
+        "connections_left": connections,
+        "tasks_left": tasks_after - tasks_before,
         "server_left_running": alive,
     }
 
