@@ -116,10 +116,11 @@ async def demo(messages: int = 1000, requests: int = 100) -> dict[str, Any]:
                     f"[5/6] {len(replies)} concurrent requests answered through the pool "
                     f"({requests / req_dt:,.0f} req/s), e.g. {replies[0]!r}"
                 )
-                _say(line(subscriber, pool))
-                sub_stats = subscriber.stats()
+                # Stopping lets the last handlers finish; the counts are final after it.
                 await handle.stop(timeout=5)
                 await ask.stop(timeout=5)
+                _say(line(subscriber, pool))
+                sub_stats = subscriber.stats()
             pool_stats = pool.stats()
             healthy = sub_stats.received == sub_stats.processed + sub_stats.failed
             _say(
