@@ -62,8 +62,11 @@ class PoolConfig:
 
     Example::
 
-        config = trionats.PoolConfig(servers=["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"],
-                                     idle_per_server=8, leak_timeout=60.0)
+        config = trionats.PoolConfig(
+            servers=["nats://nats-a.example:4222", "nats://nats-b.example:4222"],
+            idle_per_server=8,
+            leak_timeout=60.0,
+        )
 
     Attributes:
         servers: the NATS URLs (``nats://host:port``; a bare ``host:port`` gets ``nats://``).
