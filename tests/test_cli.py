@@ -78,7 +78,14 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     assert main(["bench", "--quick", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_count"] >= 1
-    assert set(report["summary"]) == {"publish", "pubsub", "request"}
+    assert set(report["summary"]) == {
+        "publish",
+        "pubsub",
+        "request",
+        "pool",
+        "subscriber",
+        "subscriber_1ms",
+    }
     for scenario, row in report["summary"].items():
         assert row["raw_rate"] > 0, scenario
         assert row["trionats_rate"] > 0, scenario
@@ -86,6 +93,9 @@ def test_bench_quick_json(tmp_path: Path) -> None:
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
     assert report["summary"]["request"]["trionats_p99_ms"] > 0
     assert report["summary"]["pubsub"]["trionats_dropped"] == 0
+    assert 0.5 <= report["summary"]["pool"]["trionats_reuse_rate"] <= 1
+    assert report["summary"]["pool"]["trionats_borrow_p99_ms"] > 0
+    assert report["summary"]["subscriber"]["trionats_dropped"] == 0
 
 
 def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

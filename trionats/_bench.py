@@ -9,6 +9,7 @@ are interleaved and the median and the spread (min..max) are reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -20,11 +21,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
 __all__ = ["SCENARIOS", "BenchConfig", "run_bench"]
 
-SCENARIOS = ("publish", "pubsub", "request")
+SCENARIOS = ("publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms")
 WARMUP = 1000
 
 
@@ -49,7 +50,11 @@ class BenchConfig:
             raise ValueError(f"size must be an int >= 0, got {self.size!r}")
 
     def count_for(self, scenario: str) -> int:
-        return max(self.concurrency, self.count // 5) if scenario == "request" else self.count
+        if scenario in ("request", "pool"):
+            return max(self.concurrency, self.count // 5)
+        if scenario == "subscriber_1ms":
+            return max(100, min(self.count // 20, 5000))
+        return self.count
 
 
 def _latency_figures(rate: float, latencies: list[float]) -> dict[str, float]:
@@ -163,7 +168,60 @@ def raw_scenario(
         await responder.close()
         return _latency_figures(len(latencies) / dt, latencies)
 
-    runs = {"publish": publish, "pubsub": pubsub, "request": request}
+    async def shared_connection() -> dict[str, Any]:
+        # No pool in nats-py: concurrent tasks share one connection.
+        nc = await nats.connect(url)
+        per_task = count // concurrency
+
+        async def worker() -> None:
+            for _ in range(per_task):
+                await nc.publish("bench.pool", payload)
+
+        await worker()  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await nc.flush()
+        dt = time.perf_counter() - t0
+        await nc.close()
+        return {"rate": per_task * concurrency / dt}
+
+    async def callback_subscriber(sleep: float) -> dict[str, Any]:
+        # nats-py runs one callback at a time per subscription.
+        pub = await nats.connect(url)
+        subc = await nats.connect(url)
+        done = asyncio.Event()
+        handled = 0
+
+        async def handler(msg: Any) -> None:
+            nonlocal handled
+            if sleep:
+                await asyncio.sleep(sleep)
+            handled += 1
+            if handled == count:
+                done.set()
+
+        await subc.subscribe(
+            "bench.sub", cb=handler, pending_msgs_limit=2 * count, pending_bytes_limit=1 << 30
+        )
+        await subc.flush()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await pub.publish("bench.sub", payload)
+        await pub.flush()
+        await asyncio.wait_for(done.wait(), 300)
+        dt = time.perf_counter() - t0
+        await pub.close()
+        await subc.close()
+        return {"rate": count / dt}
+
+    runs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
+        "publish": publish,
+        "pubsub": pubsub,
+        "request": request,
+        "pool": shared_connection,
+        "subscriber": functools.partial(callback_subscriber, 0.0),
+        "subscriber_1ms": functools.partial(callback_subscriber, 0.001),
+    }
     return asyncio.run(runs[scenario]())
 
 
@@ -233,6 +291,12 @@ async def trionats_scenario(
             figures["dropped"] = sub.dropped
             return figures
 
+    if scenario == "pool":
+        return await _trionats_pool(url, count, payload, concurrency)
+    if scenario in ("subscriber", "subscriber_1ms"):
+        return await _trionats_subscriber(
+            url, count, payload, 0.001 if scenario == "subscriber_1ms" else 0.0
+        )
     if scenario != "request":
         raise ValueError(f"unknown scenario {scenario!r}")
     async with (
@@ -265,6 +329,82 @@ async def trionats_scenario(
         dt = time.perf_counter() - t0
         nursery.cancel_scope.cancel()
         return _latency_figures(len(latencies) / dt, latencies)
+
+
+async def _trionats_pool(url: str, count: int, payload: bytes, concurrency: int) -> dict[str, Any]:
+    """``concurrency`` tasks doing borrow + publish + return, on a pool capped at 32
+    connections (its idle size): borrowers beyond that queue FIFO instead of dialing
+    connections that would be closed again on return."""
+    import trio
+
+    from ._config import PoolConfig
+    from ._pool import open_pool
+
+    per_task = count // concurrency
+    waits: list[float] = []
+    async with open_pool(PoolConfig(servers=[url], max_per_server=32)) as pool:
+
+        async def worker(record: bool) -> None:
+            for _ in range(per_task):
+                t = time.perf_counter()
+                async with pool.borrow(timeout=10) as nc:
+                    if record:
+                        waits.append(time.perf_counter() - t)
+                    await nc.publish("bench.pool", payload)
+
+        await worker(False)  # warm-up
+        before = pool.stats()
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker, True)
+        dt = time.perf_counter() - t0
+        after = pool.stats()
+    waits.sort()
+    created = after.created - before.created
+    reused = after.reused - before.reused
+    return {
+        "rate": per_task * concurrency / dt,
+        "reuse_rate": reused / max(1, created + reused),
+        "borrow_p99_ms": 1000 * waits[min(len(waits) - 1, int(len(waits) * 0.99))],
+    }
+
+
+async def _trionats_subscriber(
+    url: str, count: int, payload: bytes, sleep: float
+) -> dict[str, Any]:
+    """``open_subscriber`` with max_workers 64 and a no-op (or 1 ms) handler."""
+    import trio
+
+    from ._connection import Msg, open_connection
+    from ._subscriber import SubscriberConfig, open_subscriber
+
+    done = trio.Event()
+    handled = 0
+
+    async def handler(msg: Msg) -> None:
+        nonlocal handled
+        if sleep:
+            await trio.sleep(sleep)
+        handled += 1
+        if handled == count:
+            done.set()
+
+    config = SubscriberConfig(max_workers=64, pending_msgs=2 * count)
+    async with (
+        open_connection(url) as pub,
+        open_connection(url) as subc,
+        open_subscriber(subc, config) as subscriber,
+    ):
+        await subscriber.start("bench.sub", handler)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await pub.publish("bench.sub", payload)
+        await pub.flush()
+        with trio.fail_after(300):
+            await done.wait()
+        dt = time.perf_counter() - t0
+        return {"rate": count / dt, "dropped": subscriber.stats().dropped}
 
 
 # ------------------------------------------------------------ C client (ceiling) --

@@ -259,7 +259,12 @@ def _parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--messages", type=int, default=1000)
     p_demo.add_argument("--requests", type=int, default=100)
     p_bench = commands.add_parser("bench", help="trionats vs raw nats-py, side by side")
-    p_bench.add_argument("--scenario", action="append", choices=["publish", "pubsub", "request"])
+    p_bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=["publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms"],
+        help="repeat to pick several (default: all)",
+    )
     p_bench.add_argument("--count", type=int, default=100_000)
     p_bench.add_argument("--reps", type=int, default=3)
     p_bench.add_argument("--quick", action="store_true", help="2000 messages, 1 repetition")
