@@ -102,3 +102,21 @@ def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         main(["bench", "--count", "0"])
     assert "--count must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_duration_calibrates_the_count(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--duration", "0.2", "--reps", "1", "--scenario", "publish"]
+    assert main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["counts"]["publish"] >= 2000  # at least the calibration size
+    assert report["summary"]["publish"]["trionats_rate"] > 0
+
+
+def test_bench_duration_and_count_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--duration", "0"])
+    assert "--duration must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--duration", "1", "--count", "5"])
+    assert "not allowed with" in capsys.readouterr().err

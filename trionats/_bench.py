@@ -556,6 +556,7 @@ async def run_bench(
     config: BenchConfig,
     progress: Callable[[str, int, str], None] | None = None,
     c_binary: str | None = None,
+    duration: float | None = None,
 ) -> dict[str, Any]:
     """Run the scenarios against ``url``; returns raw figures, the summary and machine facts.
 
@@ -570,9 +571,22 @@ async def run_bench(
         s: {"trionats": [], "raw": []} for s in scenarios
     }
     c_results: dict[str, list[dict[str, Any]]] = {}
+    counts = {scenario: config.count_for(scenario) for scenario in scenarios}
+    if duration is not None:
+        # Size each workload so one trionats run takes about ``duration`` seconds, from a
+        # small calibration run (not counted).
+        probe = BenchConfig(count=2000, size=config.size, concurrency=config.concurrency)
+        for scenario in scenarios:
+            n = probe.count_for(scenario)
+            rate = (await trionats_scenario(scenario, url, n, config.size, config.concurrency))[
+                "rate"
+            ]
+            counts[scenario] = max(
+                n, int(rate * duration) // config.concurrency * config.concurrency
+            )
     for rep in range(config.reps):
         for scenario in scenarios:
-            n = config.count_for(scenario)
+            n = counts[scenario]
             raw = await trio.to_thread.run_sync(
                 _run_raw_child, scenario, url, n, config.size, config.concurrency
             )
@@ -591,6 +605,7 @@ async def run_bench(
         summary[scenario]["c_rate"] = statistics.median(run["rate"] for run in runs)
     return {
         "config": asdict(config),
+        "counts": counts,
         "machine": machine_facts(),
         "results": results,
         "c_client": c_results,

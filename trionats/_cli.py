@@ -202,7 +202,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             if url is None:
                 server = await stack.enter_async_context(open_nats_server())
                 url = server.url
-            report = await run_bench(url, scenarios, config, advance, c_binary)
+            report = await run_bench(url, scenarios, config, advance, c_binary, args.duration)
     table = Table(
         title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs; "
         f"median of {config.reps}, latency trionats / raw)"
@@ -265,9 +265,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms"],
         help="repeat to pick several (default: all)",
     )
-    p_bench.add_argument("--count", type=int, default=100_000)
+    size_group = p_bench.add_mutually_exclusive_group()
+    size_group.add_argument("--count", type=int, default=100_000, help="messages per run")
+    size_group.add_argument(
+        "--duration", type=float, default=None, help="seconds per run (calibrated), not --count"
+    )
     p_bench.add_argument("--reps", type=int, default=3)
-    p_bench.add_argument("--quick", action="store_true", help="2000 messages, 1 repetition")
+    size_group.add_argument("--quick", action="store_true", help="2000 messages, 1 repetition")
     p_bench.add_argument("--size", type=int, default=128, help="payload bytes")
     p_bench.add_argument("--concurrency", type=int, default=100, help="concurrent requesters")
     p_bench.add_argument("--url", default=None, help="use this server, not an embedded one")
@@ -284,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    duration = getattr(args, "duration", None)
+    if duration is not None and not duration > 0:
+        _parser().error(f"--duration must be > 0, got {duration}")
     for name in ("messages", "requests", "cluster", "count", "reps", "concurrency"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
