@@ -44,11 +44,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NatsClient",
+    "append_publish",
+    "current_loop",
     "finish_in_asyncio",
     "force_close",
     "loop_scope",
+    "new_client",
     "run_aio",
+    "send_ping",
     "translate",
+    "wait_future",
 ]
 
 log = logging.getLogger("trionats.bridge")
@@ -334,9 +339,3 @@ def current_loop() -> Any:
 
 def new_client() -> NatsClient:
     return NatsClient()
-
-
-def version() -> str:
-    from nats.aio.client import __version__
-
-    return str(__version__)
