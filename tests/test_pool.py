@@ -377,3 +377,19 @@ async def test_borrow_checkpoints_and_is_cancellable(
                 pytest.fail("a cancelled borrow must not enter")  # pragma: no cover
         assert pool.stats().borrowed == 0
         assert pool.stats().idle == 1
+
+
+async def test_long_lived_lease_is_never_a_leak(autojump_clock: trio.testing.MockClock) -> None:
+    async def dial(url: str) -> _Conn:
+        await trio.lowlevel.checkpoint()
+        return _Conn()
+
+    config = PoolConfig(servers=["a:1"], leak_timeout=5.0, leak_action="cancel")
+    async with open_pool(config, dial=dial) as pool:
+        async with pool.borrow(long_lived=True):
+            await trio.sleep(60)  # 12 leak timeouts, virtual time
+        assert pool.stats().leaks_detected == 0
+        with pytest.raises(LeaseExpiredError):
+            async with pool.borrow():
+                await trio.sleep(60)
+        assert pool.stats().leaks_detected == 1

@@ -145,12 +145,15 @@ def _describe(holder: Any) -> tuple[str, str]:
 class Borrow(Generic[C]):
     """The async context manager returned by :meth:`Pool.borrow`. Single use."""
 
-    __slots__ = ("_holder", "_lease", "_pool", "_scope", "_timeout", "_used")
+    __slots__ = ("_holder", "_lease", "_long_lived", "_pool", "_scope", "_timeout", "_used")
 
-    def __init__(self, pool: Pool[C], timeout: float | None, holder: _Holder) -> None:
+    def __init__(
+        self, pool: Pool[C], timeout: float | None, holder: _Holder, long_lived: bool = False
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
         self._holder = holder
+        self._long_lived = long_lived
         self._lease: Lease[C] | None = None
         self._scope: trio.CancelScope | None = None
         self._used = False
@@ -163,6 +166,8 @@ class Borrow(Generic[C]):
         lease = await pool._acquire(self._timeout, self._holder)
         # No checkpoint from here to the return: the lease cannot be lost to a cancel.
         self._lease = lease
+        if self._long_lived:
+            pool._core.exempt_from_leak_detection(lease)
         if pool._cancellable_leases:
             scope = trio.CancelScope()
             scope.__enter__()
@@ -236,7 +241,7 @@ class Pool(Generic[C]):
         """A snapshot of the pool's state and counters (see :class:`PoolStats`)."""
         return self._core.stats(trio.current_time())
 
-    def borrow(self, timeout: float | None = 10.0) -> Borrow[C]:
+    def borrow(self, timeout: float | None = 10.0, *, long_lived: bool = False) -> Borrow[C]:
         """Borrow a connection for the duration of an ``async with`` block.
 
         The connection goes back to the pool when the block exits, however it exits
@@ -253,6 +258,8 @@ class Pool(Generic[C]):
         Args:
             timeout: seconds to wait for a connection (queueing and dialing together), or
                 None to wait as long as the enclosing cancel scopes allow.
+            long_lived: the block is meant to hold the connection for long (a subscriber
+                does, for its whole life): it is never reported or cancelled as a leak.
 
         Raises:
             PoolTimeoutError: no connection within ``timeout`` (chained to the last dial
@@ -270,7 +277,7 @@ class Pool(Generic[C]):
         ):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
         frame = sys._getframe(1)
-        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno))
+        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), long_lived)
 
     # -- acquiring ---------------------------------------------------------------------
     async def _acquire(self, timeout: float | None, holder: _Holder) -> Lease[C]:

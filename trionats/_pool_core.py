@@ -441,6 +441,10 @@ class PoolCore(Generic[C]):
             closing=self.closing,
         )
 
+    def exempt_from_leak_detection(self, lease: Lease[C]) -> None:
+        """A lease meant to be held for long (a subscriber's connection) is never a leak."""
+        self._unreported.pop(lease.id, None)
+
     # -- internals -----------------------------------------------------------------------
     def _close(self, entry: _Entry[C], reason: CloseReason) -> None:
         entry.alive = False

@@ -767,9 +767,9 @@ async def open_subscriber(
     every subscription (see :meth:`SubscriptionHandle.stop`) with ``config.stop_timeout`` as
     the grace period; an exception or a cancel does the same with the time that is left.
 
-    Given a pool, one connection is borrowed (``pool.borrow()``, its default timeout) for
-    the lifetime of the block and returned when every subscription has stopped. Note that
-    the pool's ``leak_timeout`` applies to that lease too.
+    Given a pool, one connection is borrowed (``pool.borrow(long_lived=True)``, its default
+    timeout) for the lifetime of the block and returned when every subscription has
+    stopped; as a long-lived lease it is never reported or cancelled as a leak.
 
     Example::
 
@@ -795,7 +795,10 @@ async def open_subscriber(
     elif not isinstance(config, SubscriberConfig):
         raise TypeError(f"config must be a SubscriberConfig, got {type(config).__name__}")
     if isinstance(nc_or_pool, Pool):
-        async with nc_or_pool.borrow() as nc, _open_subscriber(nc, config) as subscriber:
+        async with (
+            nc_or_pool.borrow(long_lived=True) as nc,
+            _open_subscriber(nc, config) as subscriber,
+        ):
             yield subscriber
     elif isinstance(nc_or_pool, Connection):
         async with _open_subscriber(nc_or_pool, config) as subscriber:
