@@ -78,6 +78,30 @@ def raw_scenario(
 
     payload = b"x" * size
 
+    async def subscribed(subc: Any, pub: Any) -> None:
+        """Wait until the server has the subscriptions just made on ``subc``.
+
+        ``await subc.flush()`` is not enough: nats-py writes its PING ahead of the SUB still
+        in the outgoing buffer, so the PONG can come first and early messages are lost. A
+        probe subscribed last is routed only after the earlier SUBs were processed.
+        """
+        probed = asyncio.Event()
+
+        async def probe(msg: Any) -> None:
+            probed.set()
+
+        subject = f"bench.probe.{id(probed)}"
+        await subc.subscribe(subject, cb=probe)
+        for _ in range(1000):
+            await pub.publish(subject, b"")
+            await pub.flush()
+            try:
+                await asyncio.wait_for(probed.wait(), 0.05)
+                return
+            except TimeoutError:
+                continue
+        raise RuntimeError("the subscription never became active")
+
     async def publish() -> dict[str, Any]:
         nc = await nats.connect(url)
         for _ in range(WARMUP):
@@ -109,11 +133,11 @@ def raw_scenario(
         await subc.subscribe(
             "bench.ps", cb=cb, pending_msgs_limit=2 * target, pending_bytes_limit=1 << 30
         )
-        await subc.flush()
+        await subscribed(subc, pub)
         for _ in range(WARMUP):
             await pub.publish("bench.ps", payload)
         await pub.flush()
-        await warm.wait()
+        await asyncio.wait_for(warm.wait(), 60)
         t0 = time.perf_counter()
         for _ in range(count):
             await pub.publish("bench.ps", payload)
@@ -128,13 +152,13 @@ def raw_scenario(
             got.set()
 
         await subc.subscribe("bench.lat", cb=ping)
-        await subc.flush()
+        await subscribed(subc, pub)
         for _ in range(200):
             got.clear()
             t = time.perf_counter()
             await pub.publish("bench.lat", payload)
             await pub.flush()
-            await got.wait()
+            await asyncio.wait_for(got.wait(), 60)
             latencies.append(time.perf_counter() - t)
         await pub.close()
         await subc.close()
@@ -149,7 +173,7 @@ def raw_scenario(
             await msg.respond(msg.data)
 
         await responder.subscribe("bench.req", cb=respond)
-        await responder.flush()
+        await subscribed(responder, nc)
         for _ in range(200):
             await nc.request("bench.req", payload, timeout=5)
         latencies: list[float] = []
@@ -203,7 +227,7 @@ def raw_scenario(
         await subc.subscribe(
             "bench.sub", cb=handler, pending_msgs_limit=2 * count, pending_bytes_limit=1 << 30
         )
-        await subc.flush()
+        await subscribed(subc, pub)
         t0 = time.perf_counter()
         for _ in range(count):
             await pub.publish("bench.sub", payload)
