@@ -434,3 +434,17 @@ async def test_flush_in_flight_fails_when_the_connection_closes(
 def _process_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+async def test_unsubscribe_delivers_what_was_buffered_then_ends(nats_url: str) -> None:
+    async with trionats.open_connection(nats_url) as nc, nc.subscribe("u") as sub:
+        for i in range(3):
+            await nc.publish("u", b"%d" % i)
+        await nc.flush()
+        await sub.unsubscribe()
+        await nc.publish("u", b"after")
+        await nc.flush()
+        assert [m.data async for m in sub] == [b"0", b"1", b"2"]
+        with trio.CancelScope() as scope:  # a cancelled unsubscribe did nothing
+            scope.cancel()
+            await sub.unsubscribe()

@@ -389,8 +389,9 @@ class Subscription:
 
     async def unsubscribe(self) -> None:
         """Remove interest now; buffered messages are still delivered, then iteration ends."""
-        await self._conn._unsubscribe(self)
         await checkpoint_if_cancelled()
+        self._conn._unsubscribe_nowait(self)
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def __repr__(self) -> str:
         return f"<Subscription {self.subject!r} queue={self.queue!r} pending={self.pending}>"
@@ -798,9 +799,6 @@ class Connection:
         except Exception:  # pragma: no cover - the connection died meanwhile
             return
         coro.close()  # pragma: no cover - the UNSUB is queued; only the kick is skipped
-
-    async def _unsubscribe(self, sub: Subscription) -> None:
-        self._unsubscribe_nowait(sub)
 
     # -- flush / drain / close -----------------------------------------------------------
     async def flush(self, timeout: float = 10.0) -> None:
