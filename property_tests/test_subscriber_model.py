@@ -145,7 +145,7 @@ class SubscriberAccounting(RuleBasedStateMachine):
 
     @rule(handle=handles, size=st.integers(0, 20))
     def arrive(self, handle: Handle, size: int) -> None:
-        if handle.sub._ended:
+        if handle.sub.ended:
             return  # unsubscribed: the read loop no longer finds the subscription
         handle.sub.put_nowait(Msg(self.conn, "s", "", b"x" * size, None))  # type: ignore[arg-type]
         handle.arrived += 1
@@ -157,7 +157,7 @@ class SubscriberAccounting(RuleBasedStateMachine):
         taken = []
         for _ in range(n):
             self.core.taken(handle.core)
-            handle.sub._take()
+            handle.sub.take_nowait()
             job = Job(handle)
             self.live_jobs.append(job)
             taken.append(job)

@@ -448,3 +448,22 @@ async def test_unsubscribe_delivers_what_was_buffered_then_ends(nats_url: str) -
         with trio.CancelScope() as scope:  # a cancelled unsubscribe did nothing
             scope.cancel()
             await sub.unsubscribe()
+
+
+async def test_wait_nonempty_and_take_nowait(nats_url: str) -> None:
+    async with trionats.open_connection(nats_url) as nc, nc.subscribe("w") as sub:
+        with pytest.raises(trio.WouldBlock):
+            sub.take_nowait()
+        assert not sub.has_waiter
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sub.wait_nonempty)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sub.has_waiter
+            await nc.publish("w", b"1")
+        assert sub.pending == 1  # waiting took nothing
+        assert sub.take_nowait().data == b"1"
+        assert not sub.ended
+        await sub.unsubscribe()
+        assert sub.ended
+        with trio.fail_after(1):
+            await sub.wait_nonempty()  # returns at once: ended

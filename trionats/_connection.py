@@ -309,6 +309,37 @@ class Subscription:
         """Payload bytes buffered, not yet taken."""
         return self._bytes
 
+    @property
+    def ended(self) -> bool:
+        """True once no more messages will be added (unsubscribed, drained or closed)."""
+        return self._ended
+
+    @property
+    def has_waiter(self) -> bool:
+        """True while a task is parked waiting for a message on this subscription."""
+        return self._waiter is not None
+
+    async def wait_nonempty(self) -> None:
+        """Wait until a message is buffered or the subscription has ended; takes nothing.
+
+        For consumers that decide per message whether they can take it (the subscriber
+        takes one only when a worker slot is free). Only one task may wait at a time.
+        """
+        if self._buffer or self._ended:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._wait()
+
+    def take_nowait(self) -> Msg:
+        """Take the oldest buffered message.
+
+        Raises:
+            trio.WouldBlock: nothing is buffered.
+        """
+        if not self._buffer:
+            raise trio.WouldBlock
+        return self._take()
+
     def _take(self) -> Msg:
         msg = self._buffer.popleft()
         self._bytes -= len(msg.data)

@@ -345,7 +345,7 @@ def _discard_buffered(sub_core: _SubscriberCore, h: _HandleCore, sub: Subscripti
     """Take what a stopping subscription still buffers and count it as dropped."""
     n = 0
     while sub.pending:
-        sub._take()
+        sub.take_nowait()
         n += 1
     sub_core.discarded(h, n)
 
@@ -542,10 +542,10 @@ class SubscriptionHandle:
             free = sub_core.free_slots(core)
             if free > 0 and sub.pending:
                 sub_core.taken(core)
-                msg = sub._take()
+                msg = sub.take_nowait()
                 # Slots left: get a worker going per buffered message, plus one to wait on
                 # the subscription if nobody does.
-                watched = sub._waiter is not None or self._slot_watchers > 0
+                watched = sub.has_waiter or self._slot_watchers > 0
                 self._recruit(min(sub.pending, free - 1) + (0 if watched else 1))
                 await self._handle_one(msg)
                 since_yield += 1
@@ -555,7 +555,7 @@ class SubscriptionHandle:
                 continue
             since_yield = 0
             if free <= 0:
-                if sub._waiter is None and not self._slot_watchers:
+                if not sub.has_waiter and not self._slot_watchers:
                     # Watch for a free slot on behalf of this subscription.
                     self._slot_watchers += 1
                     try:
@@ -564,12 +564,11 @@ class SubscriptionHandle:
                         self._slot_watchers -= 1
                 else:
                     await self._idle.park()
-            elif sub._ended:
+            elif sub.ended:
                 self._wake_run.set()
                 return
-            elif sub._waiter is None:
-                # TODO(connection): a public Subscription.wait_nonempty() would replace this.
-                await sub._wait()
+            elif not sub.has_waiter:
+                await sub.wait_nonempty()
             else:
                 await self._idle.park()
 
