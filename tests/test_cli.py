@@ -36,10 +36,11 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-async def test_ctrl_c_stops_the_server_and_leaves_no_process() -> None:
+@pytest.mark.parametrize("args", [["server"], ["server", "--cluster", "2"]])
+async def test_ctrl_c_stops_the_server_and_leaves_no_process(args: list[str]) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trionats", "server"],
+        [sys.executable, "-m", "trionats", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -54,10 +55,9 @@ async def test_ctrl_c_stops_the_server_and_leaves_no_process() -> None:
                 chunk = await process.stdout.receive_some(4096)
                 assert chunk, output
                 output += chunk
-        match = re.search(rb"\(pid (\d+)\)", output)
-        assert match, output
-        server_pid = int(match.group(1))
-        assert _pid_alive(server_pid)
+        server_pids = [int(pid) for pid in re.findall(rb"\(pid (\d+)\)", output)]
+        assert len(server_pids) == (2 if "--cluster" in args else 1), output
+        assert all(_pid_alive(pid) for pid in server_pids)
         process.send_signal(signal.SIGINT)
         with trio.fail_after(20):
             while chunk := await process.stdout.receive_some(4096):
@@ -70,7 +70,7 @@ async def test_ctrl_c_stops_the_server_and_leaves_no_process() -> None:
         await process.stdout.aclose()
     assert process.returncode == 130, output
     assert b"stopped cleanly" in output
-    assert not _pid_alive(server_pid)
+    assert not any(_pid_alive(pid) for pid in server_pids)
 
 
 def test_bench_quick_json(tmp_path: Path) -> None:
