@@ -467,3 +467,33 @@ async def test_wait_nonempty_and_take_nowait(nats_url: str) -> None:
         assert sub.ended
         with trio.fail_after(1):
             await sub.wait_nonempty()  # returns at once: ended
+
+
+async def test_flush_in_flight_fails_on_disconnect(nats_server: trionats.NatsServer) -> None:
+    async with trionats.open_connection(nats_server.url, reconnect_time_wait=0.05) as nc:
+        assert nats_server._process is not None
+        nats_server._process.send_signal(signal.SIGSTOP)  # the PONG will not come
+        try:
+            with trio.fail_after(5):
+                while _process_state(nats_server._process.pid) != "T":  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+            async with trio.open_nursery() as nursery:
+                outcome: list[str] = []
+
+                async def flush() -> None:
+                    with pytest.raises(trionats.ConnectionClosedError, match="disconnected"):
+                        await nc.flush(timeout=60)
+                    outcome.append("failed fast")
+
+                nursery.start_soon(flush)
+                await trio.testing.wait_all_tasks_blocked()
+                await nats_server.kill()  # the socket closes: a disconnect
+            assert outcome == ["failed fast"]
+        finally:
+            if nats_server._process is not None:
+                nats_server._process.send_signal(signal.SIGCONT)
+        await nats_server.start()
+        with trio.fail_after(15):
+            while not nc.is_connected:  # noqa: ASYNC110 - bounded polling for the reconnect
+                await trio.sleep(0.01)
+        await nc.flush(timeout=5)

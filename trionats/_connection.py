@@ -919,9 +919,7 @@ class Connection:
                 if task is not None:  # pragma: no cover - requests live inside the block
                     pending.task = None
                     reschedule(task)
-        for future in self._pings:  # flushes in flight fail now, not at their timeout
-            if not future.done():
-                future.set_exception(_errors.ConnectionClosedError("the connection closed"))
+        self._fail_pings("the connection closed")
         await _bridge().force_close(self._client, self._close_timeout)
         self._emit(ConnectionEvent(EventKind.CLOSED))
         for stream in list(self._event_streams):
@@ -931,7 +929,15 @@ class Connection:
     async def _on_error(self, exc: Exception) -> None:
         self._emit(ConnectionEvent(EventKind.ERROR, error=_bridge().translate(exc)))
 
+    def _fail_pings(self, why: str) -> None:
+        """Flushes in flight fail now rather than at their timeout: no PONG will come."""
+        for future in self._pings:
+            if not future.done():
+                future.set_exception(_errors.ConnectionClosedError(why))
+
     async def _on_disconnected(self) -> None:
+        # nats-py forgets the PONGs it waits for when it reconnects.
+        self._fail_pings("disconnected during the flush")
         if not self._closed:
             self._emit(ConnectionEvent(EventKind.DISCONNECTED))
 
