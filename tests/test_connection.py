@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -404,36 +406,44 @@ async def test_open_connection_inside_existing_trio_asyncio_loop(nats_url: str) 
         assert trio_asyncio.current_loop.get() is loop
 
 
-async def test_flush_in_flight_fails_when_the_connection_closes(
-    nats_server: trionats.NatsServer,
-) -> None:
-    async with trionats.open_connection(nats_server.url) as nc:
-        assert nats_server._process is not None
-        nats_server._process.send_signal(signal.SIGSTOP)  # the PONG will not come
-        try:
-            with trio.fail_after(5):  # bounded polling until the kernel has stopped it
-                while _process_state(nats_server._process.pid) != "T":  # noqa: ASYNC110
-                    await trio.sleep(0.001)
-            outcome: list[str] = []
-
-            async def flush() -> None:
-                with pytest.raises(trionats.ConnectionClosedError):
-                    await nc.flush(timeout=60)
-                outcome.append("failed fast")
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(flush)
-                await trio.testing.wait_all_tasks_blocked()
-                with trio.fail_after(10):
-                    await nc.aclose()
-            assert outcome == ["failed fast"]
-        finally:
-            nats_server._process.send_signal(signal.SIGCONT)
+@asynccontextmanager
+async def _frozen(server: trionats.NatsServer) -> AsyncIterator[None]:
+    """SIGSTOP the server for the block (it answers nothing: no PONG), SIGCONT after."""
+    assert server._process is not None
+    pid = server._process.pid
+    server._process.send_signal(signal.SIGSTOP)
+    try:
+        with trio.fail_after(5):  # bounded polling until the kernel has stopped it
+            while _process_state(pid) != "T":  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        yield
+    finally:
+        if server._process is not None:  # the block may have killed it
+            server._process.send_signal(signal.SIGCONT)
 
 
 def _process_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+async def _flush_must_fail_fast(nc: trionats.Connection, outcome: list[str], match: str) -> None:
+    with pytest.raises(trionats.ConnectionClosedError, match=match):
+        await nc.flush(timeout=60)
+    outcome.append("failed fast")
+
+
+async def test_flush_in_flight_fails_when_the_connection_closes(
+    nats_server: trionats.NatsServer,
+) -> None:
+    async with trionats.open_connection(nats_server.url) as nc, _frozen(nats_server):
+        outcome: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_must_fail_fast, nc, outcome, "closed")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(10):
+                await nc.aclose()
+        assert outcome == ["failed fast"]
 
 
 async def test_unsubscribe_delivers_what_was_buffered_then_ends(nats_url: str) -> None:
@@ -471,27 +481,13 @@ async def test_wait_nonempty_and_take_nowait(nats_url: str) -> None:
 
 async def test_flush_in_flight_fails_on_disconnect(nats_server: trionats.NatsServer) -> None:
     async with trionats.open_connection(nats_server.url, reconnect_time_wait=0.05) as nc:
-        assert nats_server._process is not None
-        nats_server._process.send_signal(signal.SIGSTOP)  # the PONG will not come
-        try:
-            with trio.fail_after(5):
-                while _process_state(nats_server._process.pid) != "T":  # noqa: ASYNC110
-                    await trio.sleep(0.001)
+        async with _frozen(nats_server):
+            outcome: list[str] = []
             async with trio.open_nursery() as nursery:
-                outcome: list[str] = []
-
-                async def flush() -> None:
-                    with pytest.raises(trionats.ConnectionClosedError, match="disconnected"):
-                        await nc.flush(timeout=60)
-                    outcome.append("failed fast")
-
-                nursery.start_soon(flush)
+                nursery.start_soon(_flush_must_fail_fast, nc, outcome, "disconnected")
                 await trio.testing.wait_all_tasks_blocked()
                 await nats_server.kill()  # the socket closes: a disconnect
             assert outcome == ["failed fast"]
-        finally:
-            if nats_server._process is not None:
-                nats_server._process.send_signal(signal.SIGCONT)
         await nats_server.start()
         with trio.fail_after(15):
             while not nc.is_connected:  # noqa: ASYNC110 - bounded polling for the reconnect
