@@ -120,3 +120,17 @@ def test_bench_duration_and_count_are_exclusive(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["bench", "--duration", "1", "--count", "5"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_demo_and_bench_do_not_need_pytest() -> None:
+    """The README's first command installs only trionats[server]: no pytest there."""
+    code = (
+        "import sys\n"
+        "sys.modules['pytest'] = None  # any import of pytest now fails\n"
+        "from trionats._cli import main\n"
+        "assert main(['demo', '--messages', '20', '--requests', '2']) == 0\n"
+        "import trionats._bench\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "health: OK" in out.stdout

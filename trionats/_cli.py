@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._server import open_nats_cluster, open_nats_server
+from ._server import monitor_json, open_nats_cluster, open_nats_server
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -159,8 +159,6 @@ async def demo(messages: int = 1000, requests: int = 100) -> dict[str, Any]:
 
 
 async def _server_connections(server: Any) -> int:
-    from .testing import monitor_json
-
     return int((await monitor_json(server, "/connz"))["num_connections"])
 
 

