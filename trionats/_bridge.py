@@ -52,14 +52,12 @@ __all__ = [
     "new_client",
     "run_aio",
     "send_ping",
+    "step",
     "translate",
     "wait_future",
 ]
 
 log = logging.getLogger("trionats.bridge")
-
-NO_RESPONDERS_STATUS = "503"
-STATUS_HEADER = "Status"
 
 
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -206,6 +204,23 @@ def translate(exc: BaseException) -> BaseException:
     return _errors.TrionatsError(f"{type(exc).__name__}: {exc}")
 
 
+def step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """Run a nats-py coroutine from Trio up to its first suspension, synchronously.
+
+    Returns ``(True, result)`` when it completed (the usual case: nats-py's command
+    coroutines only append to a buffer), or ``(False, yielded)`` when it suspended; the
+    caller then finishes it with :func:`finish_in_asyncio` or ``_resume`` in a task, or
+    closes it. nats-py exceptions are translated.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    except Exception as exc:
+        raise translate(exc) from exc
+    return False, yielded
+
+
 async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
     """Finish, as an asyncio task, a coroutine that was stepped from Trio and suspended."""
     while True:
@@ -295,12 +310,9 @@ def send_ping(client: NatsClient) -> asyncio.Future[Any]:
     client._pending.append(PING_PROTO)
     client._pending_data_size += len(PING_PROTO)
     coro = client._flush_pending()
-    try:
-        yielded = coro.send(None)
-    except StopIteration:
-        return future
-    # The flusher's queue was full: finish queueing in asyncio.
-    loop.create_task(_resume(coro, yielded))
+    done, yielded = step(coro)
+    if not done:  # the flusher's queue was full: finish queueing in asyncio
+        loop.create_task(_resume(coro, yielded))
     return future
 
 

@@ -69,6 +69,10 @@ YIELD_EVERY = 256
 YIELD_BYTES = 256 * 1024
 """Outgoing bytes buffered before a publish yields so the flusher can write them."""
 
+# The server answers a request nobody listens to with an empty message carrying this.
+_STATUS_HEADER = "Status"
+_NO_RESPONDERS = "503"
+
 DEFAULT_PENDING_MSGS = 128 * 1024
 DEFAULT_PENDING_BYTES = 256 * 1024 * 1024
 
@@ -667,14 +671,10 @@ class Connection:
         else:
             coro = client._send_publish(subject, reply, data, size, headers)
         if coro is not None:
-            try:
-                yielded = coro.send(None)
-            except StopIteration:
-                pass
-            except Exception as exc:
-                raise _bridge().translate(exc) from exc
-            else:  # a forced flush of a full buffer: wait for it (backpressure)
-                await _bridge().finish_in_asyncio(coro, yielded)
+            bridge = _bridge()
+            done, yielded = bridge.step(coro)
+            if not done:  # a forced flush of a full buffer: wait for it (backpressure)
+                await bridge.finish_in_asyncio(coro, yielded)
                 self._since_yield = 0
                 return
         self._since_yield += 1
@@ -741,7 +741,11 @@ class Connection:
                 raise _errors.ConnectionClosedError("the connection closed during the request")
             raise _errors.TimeoutError(f"no reply on {subject!r} within {timeout} s")
         headers_in = msg.headers
-        if headers_in is not None and headers_in.get("Status") == "503" and not msg.data:
+        if (
+            headers_in is not None
+            and headers_in.get(_STATUS_HEADER) == _NO_RESPONDERS
+            and not msg.data
+        ):
             raise _errors.NoRespondersError(f"no responders on {subject!r}")
         return msg
 
@@ -749,15 +753,10 @@ class Connection:
     async def _nats_subscribe(self, subject: str, queue: str | None, sink: Any) -> Any:
         """Subscribe in nats-py and make ``sink`` its pending queue; returns the nats sub."""
         coro = self._client.subscribe(subject, queue=queue or "")
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            sub = stop.value
-        except Exception as exc:
-            raise _bridge().translate(exc) from exc
-        else:  # pragma: no cover - subscribe only suspends when the flusher queue is full
+        done, sub = _bridge().step(coro)
+        if not done:  # pragma: no cover - subscribe only suspends when the flusher queue is full
             coro.close()
-            raise _errors.TrionatsError(f"nats-py subscribe suspended unexpectedly ({yielded!r})")
+            raise _errors.TrionatsError(f"nats-py subscribe suspended unexpectedly ({sub!r})")
         # Nothing can have arrived yet: the SUB is not written before we yield.
         sub._pending_queue = sink
         sub._pending_bytes_limit = 0  # we enforce the limits (and count the drops) ourselves
@@ -824,12 +823,11 @@ class Connection:
             return  # nats-py does not replay removed subscriptions on reconnect
         coro = client._send_unsubscribe(nats_sub._id)
         try:
-            coro.send(None)
-        except StopIteration:
+            done, _ = _bridge().step(coro)
+        except _errors.TrionatsError:  # pragma: no cover - the connection died meanwhile
             return
-        except Exception:  # pragma: no cover - the connection died meanwhile
-            return
-        coro.close()  # pragma: no cover - the UNSUB is queued; only the kick is skipped
+        if not done:  # pragma: no cover - the UNSUB is queued; only the kick is skipped
+            coro.close()
 
     # -- flush / drain / close -----------------------------------------------------------
     async def flush(self, timeout: float = 10.0) -> None:
