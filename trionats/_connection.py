@@ -537,7 +537,9 @@ class Connection:
 
     def __init__(self, client: NatsClient, *, name: str | None, close_timeout: float) -> None:
         self._client = client
-        self._append_publish = _bridge().append_publish
+        bridge = _bridge()
+        self._append_publish = bridge.append_publish
+        self._step = bridge.step  # bound once: _bridge() runs an import statement
         self.name = name
         self._close_timeout = close_timeout
         self._subs: set[Subscription] = set()
@@ -670,11 +672,10 @@ class Connection:
             coro = self._append_publish(client, subject, reply, data)
         else:
             coro = client._send_publish(subject, reply, data, size, headers)
-        if coro is not None:
-            bridge = _bridge()
-            done, yielded = bridge.step(coro)
+        if coro is not None:  # the flusher's kick (once per batch), or a forced flush
+            done, yielded = self._step(coro)
             if not done:  # a forced flush of a full buffer: wait for it (backpressure)
-                await bridge.finish_in_asyncio(coro, yielded)
+                await _bridge().finish_in_asyncio(coro, yielded)
                 self._since_yield = 0
                 return
         self._since_yield += 1
@@ -753,7 +754,7 @@ class Connection:
     async def _nats_subscribe(self, subject: str, queue: str | None, sink: Any) -> Any:
         """Subscribe in nats-py and make ``sink`` its pending queue; returns the nats sub."""
         coro = self._client.subscribe(subject, queue=queue or "")
-        done, sub = _bridge().step(coro)
+        done, sub = self._step(coro)
         if not done:  # pragma: no cover - subscribe only suspends when the flusher queue is full
             coro.close()
             raise _errors.TrionatsError(f"nats-py subscribe suspended unexpectedly ({sub!r})")
@@ -823,7 +824,7 @@ class Connection:
             return  # nats-py does not replay removed subscriptions on reconnect
         coro = client._send_unsubscribe(nats_sub._id)
         try:
-            done, _ = _bridge().step(coro)
+            done, _ = self._step(coro)
         except _errors.TrionatsError:  # pragma: no cover - the connection died meanwhile
             return
         if not done:  # pragma: no cover - the UNSUB is queued; only the kick is skipped
