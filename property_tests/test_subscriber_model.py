@@ -37,7 +37,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from trionats._connection import Msg, Subscription
+from trionats._msg import Msg
 from trionats._subscriber import (
     Outcome,
     SubscriberConfig,
@@ -48,6 +48,7 @@ from trionats._subscriber import (
     _State,
     _SubscriberCore,
 )
+from trionats._subscription import Subscription
 
 
 class FakeConn:

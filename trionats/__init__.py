@@ -11,15 +11,10 @@ Layers (imports point downward only)::
 """
 
 from ._config import PoolConfig as PoolConfig
+from ._connect import connect as connect
+from ._connect import open_connection as open_connection
 from ._connection import Connection as Connection
-from ._connection import ConnectionEvent as ConnectionEvent
 from ._connection import ConnectionStats as ConnectionStats
-from ._connection import EventKind as EventKind
-from ._connection import EventStream as EventStream
-from ._connection import Msg as Msg
-from ._connection import Subscription as Subscription
-from ._connection import connect as connect
-from ._connection import open_connection as open_connection
 from ._errors import ConnectError as ConnectError
 from ._errors import ConnectionClosedError as ConnectionClosedError
 from ._errors import LeaseExpiredError as LeaseExpiredError
@@ -31,6 +26,10 @@ from ._errors import ServerNotFoundError as ServerNotFoundError
 from ._errors import SubscriptionClosedError as SubscriptionClosedError
 from ._errors import TimeoutError as TimeoutError
 from ._errors import TrionatsError as TrionatsError
+from ._events import ConnectionEvent as ConnectionEvent
+from ._events import EventKind as EventKind
+from ._events import EventStream as EventStream
+from ._msg import Msg as Msg
 from ._pool import CloseReason as CloseReason
 from ._pool import CloseStats as CloseStats
 from ._pool import Pool as Pool
@@ -47,6 +46,7 @@ from ._subscriber import SubscriberConfig as SubscriberConfig
 from ._subscriber import SubscriberStats as SubscriberStats
 from ._subscriber import SubscriptionHandle as SubscriptionHandle
 from ._subscriber import open_subscriber as open_subscriber
+from ._subscription import Subscription as Subscription
 
 __version__ = "0.1.0.dev0"
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
+    from ._msg import Msg
+
 __all__ = ["SCENARIOS", "BenchConfig", "run_bench"]
 
 SCENARIOS = ("publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms")
@@ -256,7 +258,7 @@ async def trionats_scenario(
     """The same workload written the natural Trio way with trionats."""
     import trio
 
-    from ._connection import open_connection
+    from ._connect import open_connection
 
     payload = b"x" * size
 
@@ -400,7 +402,7 @@ async def _trionats_subscriber(
     """``open_subscriber`` with max_workers 64 and a no-op (or 1 ms) handler."""
     import trio
 
-    from ._connection import Msg, open_connection
+    from ._connect import open_connection
     from ._subscriber import SubscriberConfig, open_subscriber
 
     done = trio.Event()

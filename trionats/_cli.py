@@ -25,7 +25,7 @@ from ._server import monitor_json, open_nats_cluster, open_nats_server
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._connection import Msg
+    from ._msg import Msg
 
 __all__ = ["main"]
 

@@ -560,7 +560,7 @@ async def _run_real_pool(
     config: PoolConfig, rng: random.Random | None
 ) -> AsyncIterator[Pool[Connection]]:
     from . import _bridge
-    from ._connection import connect
+    from ._connect import connect
 
     async def dial(url: str) -> Connection:
         return await connect(

@@ -44,8 +44,10 @@ from . import _errors
 from ._validate import check_queue, check_subscribe_subject
 
 if TYPE_CHECKING:
-    from ._connection import Connection, Msg, Subscription
+    from ._connection import Connection
+    from ._msg import Msg
     from ._pool import Pool
+    from ._subscription import Subscription
 
 __all__ = [
     "Handler",
