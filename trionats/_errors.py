@@ -6,6 +6,11 @@ these classes and keeps the original as ``__cause__``.
 
 from __future__ import annotations
 
+import builtins
+from typing import NoReturn
+
+import trio
+
 __all__ = [
     "ConnectError",
     "ConnectionClosedError",
@@ -18,6 +23,8 @@ __all__ = [
     "SubscriptionClosedError",
     "TimeoutError",
     "TrionatsError",
+    "reraise_unwrapped",
+    "unwrap_group",
 ]
 
 
@@ -33,8 +40,11 @@ class ConnectionClosedError(TrionatsError):
     """The connection is closed (or draining) and cannot be used for this operation."""
 
 
-class TimeoutError(TrionatsError):
-    """An operation with a ``timeout=`` argument did not finish in time."""
+class TimeoutError(TrionatsError, builtins.TimeoutError):
+    """An operation with a ``timeout=`` argument did not finish in time.
+
+    Also a builtin :class:`TimeoutError`, so ``except TimeoutError`` catches it.
+    """
 
 
 class NoRespondersError(TrionatsError):
@@ -49,7 +59,7 @@ class ServerNotFoundError(TrionatsError):
     """No ``nats-server`` binary could be found to start an embedded server."""
 
 
-class PoolTimeoutError(TrionatsError):
+class PoolTimeoutError(TimeoutError):
     """``pool.borrow(timeout=...)`` could not get a connection in time."""
 
 
@@ -63,3 +73,40 @@ class LeaseExpiredError(TrionatsError):
 
 class ReconnectBufferFullError(TrionatsError):
     """Publishing while disconnected, and the reconnect buffer (``pending_size``) is full."""
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException], levels: int = 1) -> BaseException:
+    """What to raise instead of ``group``, a group that *our own* nurseries created.
+
+    Strips exactly ``levels`` levels (the nurseries the caller opened, no more), the way
+    trio's ``raise_single_exception_from_group`` does for one: at each level a
+    KeyboardInterrupt or SystemExit wins, :class:`trio.Cancelled` is dropped when a real
+    error sits beside it, and a level holding several real errors is kept as it is. A
+    group the user's own code raised is below those levels, so it comes out intact.
+    """
+    exc: BaseException = group
+    for _ in range(levels):
+        if not isinstance(exc, BaseExceptionGroup):
+            break
+        inner = exc.exceptions
+        for e in inner:
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                return e
+        real = [e for e in inner if not isinstance(e, trio.Cancelled)]
+        if len(real) > 1:
+            return exc
+        exc = real[0] if real else inner[0]
+    return exc
+
+
+def reraise_unwrapped(group: BaseExceptionGroup[BaseException], levels: int = 1) -> NoReturn:
+    """Raise :func:`unwrap_group`'s choice, keeping its own ``__context__``."""
+    exc = unwrap_group(group, levels)
+    if exc is group:
+        raise group
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
