@@ -35,7 +35,6 @@ def test_public_names_are_pinned() -> None:
         "open_nats_cluster",
         "open_nats_server",
         "PoolConfig",
-        "connect",
         "CloseReason",
         "CloseStats",
         "Pool",
@@ -52,6 +51,13 @@ def test_public_names_are_pinned() -> None:
     assert expected <= set(trionats.__all__)
     for name in trionats.__all__:
         assert hasattr(trionats, name), name
+
+
+def test_connect_without_a_context_manager_is_not_public() -> None:
+    """``connect()`` needs an asyncio loop that something must own and close; from a plain
+    ``trio.run`` it could only fail. Users open connections with ``open_connection``."""
+    assert "connect" not in trionats.__all__
+    assert not hasattr(trionats, "connect")
 
 
 def test_public_objects_show_the_public_module() -> None:

@@ -11,7 +11,6 @@ Layers (imports point downward only)::
 """
 
 from ._config import PoolConfig as PoolConfig
-from ._connect import connect as connect
 from ._connect import open_connection as open_connection
 from ._connection import Connection as Connection
 from ._connection import ConnectionStats as ConnectionStats
@@ -81,7 +80,6 @@ __all__ = [
     "SubscriptionHandle",
     "TimeoutError",
     "TrionatsError",
-    "connect",
     "find_nats_server",
     "open_connection",
     "open_nats_cluster",

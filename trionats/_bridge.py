@@ -1,19 +1,26 @@
-"""The only module that imports asyncio, trio_asyncio or nats.
+"""The adapter: the only module that imports asyncio, trio_asyncio or nats.
 
 Layering: ``_pool``/``_subscriber`` -> ``_connection`` -> ``_bridge`` -> nats-py (asyncio).
 ``import trionats`` does not import this module (importing trio_asyncio swaps asyncio's
 event loop policy for the whole process); ``_connection`` loads it when the first
 connection opens.
 
-What this module relies on in nats-py beyond its public API (checked by
-``tests/test_bridge_internals.py`` so an upgrade fails loudly, not silently slower):
+Every touch of nats-py or trio-asyncio internals is here; the rest of the package calls
+the functions below with the nats-py client as an opaque handle. What they rely on beyond
+the public APIs (checked by ``tests/test_bridge_internals.py`` and, at the first
+connection, by :func:`check_internals`, so an upgrade fails loudly, not silently slower):
 
-* ``Client._send_publish`` is a buffer append that completes without suspending
-  unless the outgoing buffer passed ``pending_size`` (then it awaits a flush);
+* ``Client._pending`` (a list of bytes), ``_pending_data_size``, ``_max_pending_size``,
+  ``_flush_queue`` (an asyncio.Queue the flusher takes one item per write from, and
+  completes unless ``done()``), ``_pongs``, ``_status`` and the status constants,
+  ``_max_payload``, ``stats``, ``options``;
+* ``nats.protocol.command.pub_cmd`` / ``hpub_cmd`` build the protocol commands;
 * ``Client.msg_class`` builds every delivered message;
 * a subscription without a callback hands messages to ``sub._pending_queue.put_nowait``
   from the read loop, so a Trio object with that method receives them synchronously;
-* ``Client._pending_data_size``, ``_max_payload``, ``_max_pending_size``, ``stats``.
+  ``Client._remove_sub`` and ``_send_unsubscribe`` end one;
+* trio-asyncio's loop: ``_main_loop_one``, ``_timers``, ``_q_recv``, ``_nursery``
+  (see :func:`_main_loop_one_batched`).
 """
 
 from __future__ import annotations
@@ -24,36 +31,61 @@ import heapq
 import logging
 import math
 import types
+import warnings
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, final
 
 import nats
 import nats.errors
 import sniffio
 import trio
-import trio_asyncio
-import trio_asyncio._handles
+
+with warnings.catch_warnings():
+    # trio-asyncio 0.15/0.16 subclass AbstractChildWatcher, deprecated since Python 3.12:
+    # a user running with -W error must not see our import fail.
+    warnings.filterwarnings("ignore", "'AbstractChildWatcher'", DeprecationWarning)
+    import trio_asyncio
+    import trio_asyncio._handles
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
+from nats.protocol.command import hpub_cmd as _hpub_cmd
 from nats.protocol.command import pub_cmd as _pub_cmd
 
 from . import _errors
+from ._validate import redact
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine
 
 __all__ = [
+    "APPENDED",
+    "APPENDED_YIELD",
+    "MUST_WAIT",
+    "NOT_OPEN",
+    "RECONNECT_BUFFER_FULL",
+    "TOO_BIG",
+    "YIELD_BYTES",
     "NatsClient",
-    "append_publish",
     "current_loop",
-    "finish_in_asyncio",
+    "encode_headers",
+    "flushed",
     "force_close",
+    "install_msg_factory",
+    "is_connecting",
+    "last_error",
     "loop_scope",
+    "max_payload",
     "new_client",
+    "pending_bytes",
     "run_aio",
     "send_ping",
+    "send_unsub_nowait",
+    "set_reconnect_options",
     "step",
+    "subscribe_nowait",
     "translate",
+    "try_append",
+    "unsubscribe_nowait",
     "wait_future",
 ]
 
@@ -141,21 +173,13 @@ async def loop_scope() -> AsyncIterator[None]:
             loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
             yield
     except BaseExceptionGroup as group:
-        # open_loop's nurseries wrap whatever the block raised; hand callers the original.
-        leaf = _single_leaf(group)
-        if leaf is None:
-            raise
-        raise leaf from leaf.__cause__
+        # open_loop's two nurseries wrap whatever the block raised: strip those two
+        # levels, no more (a group the caller raised comes out intact).
+        _errors.reraise_unwrapped(group, levels=_LOOP_NURSERY_LEVELS)
 
 
-def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside nested single-member groups, or None."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
+_LOOP_NURSERY_LEVELS = 2
+"""Nested nurseries in ``trio_asyncio.open_loop`` around the block (0.15 and 0.16)."""
 
 
 async def run_aio(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:
@@ -185,23 +209,25 @@ def translate(exc: BaseException) -> BaseException:
     if isinstance(exc, _errors.TrionatsError):
         return exc
     if isinstance(exc, nats.errors.NoRespondersError):
-        return _errors.NoRespondersError(str(exc) or "no responders")
+        return _errors.NoRespondersError(redact(str(exc)) or "no responders")
     if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
-        return _errors.TimeoutError(str(exc) or "timed out")
+        return _errors.TimeoutError(redact(str(exc)) or "timed out")
     if isinstance(
         exc,
         nats.errors.ConnectionClosedError
         | nats.errors.ConnectionDrainingError
         | nats.errors.ConnectionReconnectingError,
     ):
-        return _errors.ConnectionClosedError(str(exc))
+        return _errors.ConnectionClosedError(redact(str(exc)) or type(exc).__name__)
     if isinstance(exc, nats.errors.OutboundBufferLimitError):
         return _errors.ReconnectBufferFullError(
             "not connected and the reconnect buffer is full (pending_size)"
         )
     if isinstance(exc, nats.errors.NoServersError | nats.errors.AuthorizationError | OSError):
-        return _errors.ConnectError(str(exc) or type(exc).__name__)
-    return _errors.TrionatsError(f"{type(exc).__name__}: {exc}")
+        return _errors.ConnectError(redact(str(exc)) or type(exc).__name__)
+    if isinstance(exc, nats.errors.Error):  # nats-py's own message names it ("nats: ...")
+        return _errors.TrionatsError(redact(str(exc)) or type(exc).__name__)
+    return _errors.TrionatsError(redact(f"{type(exc).__name__}: {exc}"))
 
 
 def step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
@@ -235,18 +261,6 @@ async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
             return
 
 
-async def finish_in_asyncio(coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-    """Wait, from Trio, for a stepped coroutine that suspended (a forced flush).
-
-    The continuation runs as its own asyncio task and is not cancelled with the caller:
-    the message is already in the outgoing buffer when this is called, so a Trio cancel
-    here only stops the waiting (backpressure), never un-sends the message.
-    """
-    loop = trio_asyncio.current_loop.get()
-    task = loop.create_task(_resume(coro, yielded))
-    await trio_asyncio.run_aio_future(asyncio.shield(task))
-
-
 async def force_close(client: NatsClient, timeout: float) -> None:
     """Close a nats-py client, shielded and bounded; tear the socket down if that hangs.
 
@@ -271,30 +285,112 @@ async def force_close(client: NatsClient, timeout: float) -> None:
         await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
 
 
-def append_publish(
-    client: NatsClient, subject: str, reply: str, payload: Any
-) -> Coroutine[Any, Any, Any] | None:
-    """Append a PUB (without headers) to the client's outgoing buffer, synchronously.
+# -- publishing ------------------------------------------------------------------------
+# What try_append did (an int: the hot path compares ints, no enum attribute lookups).
+APPENDED = 0
+"""The message is in the outgoing buffer."""
+APPENDED_YIELD = 1
+"""The message is in the outgoing buffer, which is large: yield so the flusher writes it."""
+MUST_WAIT = 2
+"""Not appended: the buffer is over ``pending_size``; wait for :func:`flushed`, then retry."""
+RECONNECT_BUFFER_FULL = 3
+"""Not appended: not connected, and the reconnect buffer (``pending_size``) is full."""
+NOT_OPEN = 4
+"""Not appended: the client is closed, closing or draining."""
+TOO_BIG = 5
+"""Not appended: headers + payload exceed the server's ``max_payload``."""
 
-    The same steps as nats-py's ``_send_publish`` + ``_send_command``, minus the coroutine
-    (creating and finishing one per message costs more than the append itself). Returns
-    the follow-up nats-py would have awaited, for the caller to step: a kick of the
-    flusher when its queue is empty (once per batch), or a forced flush when the buffer
-    passed ``pending_size``; None when there is nothing more to do.
+YIELD_BYTES = 256 * 1024
+"""Outgoing bytes buffered beyond which a publish yields so the flusher can write them."""
+
+_CONNECTED = NatsClient.CONNECTED
+_RECONNECTING = NatsClient.RECONNECTING
+_CONNECTING = NatsClient.CONNECTING
+_DISCONNECTED = NatsClient.DISCONNECTED
+
+
+@final
+class _Kick:
+    """What a flusher kick puts in nats-py's flush queue: a "future" that is already done.
+
+    nats-py's flusher takes one item per write and completes it unless ``done()``; a
+    shared done object costs no allocation (nats-py's own kick creates a Future per batch).
     """
-    cmd = _pub_cmd(subject, reply, payload)
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return True
+
+
+_KICK = _Kick()
+
+
+def try_append(client: NatsClient, subject: str, reply: str, payload: Any, hdr: Any) -> int:
+    """Append a PUB (HPUB when ``hdr`` is not None) to the outgoing buffer, synchronously.
+
+    The same steps as nats-py's ``publish`` + ``_send_command``, minus the coroutine and
+    minus its forced flush: the caller waits for the flusher *before* appending (see
+    :data:`MUST_WAIT`), so a cancelled wait sent nothing. Kicks the flusher when its queue
+    is empty (once per batch). Returns one of the outcome constants above.
+    """
+    status = client._status
+    pending = client._pending_data_size
+    size = len(payload) if hdr is None else len(payload) + len(hdr)
+    if size > client._max_payload:
+        return TOO_BIG
+    limit = client._max_pending_size
+    if status == _CONNECTED:
+        if 0 < limit < pending:
+            return MUST_WAIT
+    elif status in (_RECONNECTING, _DISCONNECTED):
+        if limit <= 0 or pending + size > limit:
+            return RECONNECT_BUFFER_FULL
+    else:
+        return NOT_OPEN
+    cmd = (
+        _pub_cmd(subject, reply, payload)
+        if hdr is None
+        else _hpub_cmd(subject, reply, hdr, payload)
+    )
     stats = client.stats
     stats["out_msgs"] += 1
     stats["out_bytes"] += len(payload)
     client._pending.append(cmd)
-    size = client._pending_data_size + len(cmd)
-    client._pending_data_size = size
-    if 0 < client._max_pending_size < size:
-        return client._flush_pending(force_flush=True)
+    pending += len(cmd)
+    client._pending_data_size = pending
     queue = client._flush_queue
-    if queue is not None and queue.empty():
-        return client._flush_pending()
-    return None
+    if status == _CONNECTED and queue is not None and queue.empty():
+        queue.put_nowait(_KICK)  # type: ignore[arg-type]  # duck-typed: see _Kick
+    return APPENDED_YIELD if pending >= YIELD_BYTES else APPENDED
+
+
+def encode_headers(headers: dict[str, str]) -> bytes:
+    """The NATS/1.0 header block of an HPUB (names and values already validated)."""
+    parts = [b"NATS/1.0\r\n"]
+    for key, value in headers.items():
+        parts.append(f"{key}: {value.strip()}\r\n".encode())
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def flushed(client: NatsClient) -> asyncio.Future[Any]:
+    """A future that completes once the flusher has written the buffer out (a kick).
+
+    Already done when not connected (the buffer is replayed on reconnect). Waiting for it
+    (:func:`wait_future`) is the publish backpressure; cancelling the wait changes nothing.
+    """
+    loop = trio_asyncio.current_loop.get()
+    future: asyncio.Future[Any] = loop.create_future()
+    queue = client._flush_queue
+    if client._status != _CONNECTED or queue is None:
+        future.set_result(None)
+        return future
+    try:
+        queue.put_nowait(future)
+    except asyncio.QueueFull:  # pragma: no cover - 1024 kicks queued: finish in asyncio
+        loop.create_task(queue.put(future))
+    return future
 
 
 def send_ping(client: NatsClient) -> asyncio.Future[Any]:
@@ -309,11 +405,104 @@ def send_ping(client: NatsClient) -> asyncio.Future[Any]:
     client._pongs.append(future)
     client._pending.append(PING_PROTO)
     client._pending_data_size += len(PING_PROTO)
-    coro = client._flush_pending()
-    done, yielded = step(coro)
-    if not done:  # the flusher's queue was full: finish queueing in asyncio
-        loop.create_task(_resume(coro, yielded))
+    flushed(client)
     return future
+
+
+# -- subscriptions -----------------------------------------------------------------------
+def _step_without_forced_flush(client: NatsClient, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a nats-py command coroutine (subscribe, unsubscribe) to completion, synchronously.
+
+    They append to the buffer and kick the flusher; past ``pending_size`` they would also
+    await a forced flush through ``asyncio.wait_for``, which fails outside an asyncio task
+    on Python >= 3.12. With the limit lifted for this one synchronous step they never
+    suspend; the command is small and the flusher writes it with the rest.
+    """
+    limit = client._max_pending_size
+    client._max_pending_size = 0
+    try:
+        done, result = step(coro)
+    finally:
+        client._max_pending_size = limit
+    if not done:  # pragma: no cover - only a full flusher queue (1024 kicks) suspends
+        loop = trio_asyncio.current_loop.get()
+        loop.create_task(_resume(coro, result))
+        return None
+    return result
+
+
+def subscribe_nowait(client: NatsClient, subject: str, queue: str | None, sink: Any) -> Any:
+    """Subscribe in nats-py, with ``sink`` as the subscription's pending queue.
+
+    ``sink.put_nowait(msg)`` is then called synchronously by the read loop for every
+    message. Returns the nats-py subscription (an opaque handle for :func:`unsubscribe_nowait`).
+    """
+    sub = _step_without_forced_flush(client, client.subscribe(subject, queue=queue or ""))
+    if sub is None:  # pragma: no cover - see _step_without_forced_flush
+        raise _errors.TrionatsError("nats-py subscribe suspended unexpectedly")
+    # Nothing can have arrived yet: the SUB is not written before we yield.
+    sub._pending_queue = sink
+    sub._pending_bytes_limit = 0  # the sink enforces its own limits (and counts drops)
+    return sub
+
+
+def unsubscribe_nowait(client: NatsClient, nats_sub: Any, *, send_unsub: bool) -> None:
+    """Stop routing messages to ``nats_sub``; with ``send_unsub``, also queue an UNSUB."""
+    sid = nats_sub._id
+    client._remove_sub(sid)
+    if send_unsub:
+        send_unsub_nowait(client, nats_sub)
+
+
+def send_unsub_nowait(client: NatsClient, nats_sub: Any) -> None:
+    """Queue an UNSUB (the server stops sending after it; in-flight messages still come)."""
+    if client._status != _CONNECTED:
+        return  # nats-py does not replay removed subscriptions on reconnect
+    with contextlib.suppress(_errors.TrionatsError):  # the connection died meanwhile
+        _step_without_forced_flush(client, client._send_unsubscribe(nats_sub._id))
+
+
+# -- state -------------------------------------------------------------------------------
+def max_payload(client: NatsClient) -> int:
+    """The largest message (headers + payload) the server accepts, from its INFO."""
+    return int(client._max_payload)
+
+
+def pending_bytes(client: NatsClient) -> int:
+    """Bytes in the outgoing buffer, not yet written to the socket."""
+    return int(client._pending_data_size)
+
+
+def is_connecting(client: NatsClient) -> bool:
+    """The first connect (or a reconnect) is under way."""
+    return client._status in (_DISCONNECTED, _CONNECTING)
+
+
+def last_error(client: NatsClient) -> BaseException | None:
+    """The last error nats-py recorded (a server ``-ERR`` among them), or None."""
+    err = client.last_error
+    return err if isinstance(err, BaseException) else None
+
+
+def install_msg_factory(client: NatsClient, factory: Callable[..., Any]) -> None:
+    """Every delivered message is built by ``factory`` (nats-py's ``msg_class``)."""
+    client.msg_class = factory  # type: ignore[assignment]  # called like the class
+
+
+def set_reconnect_options(
+    client: NatsClient,
+    *,
+    allow_reconnect: bool,
+    max_reconnect_attempts: int,
+    reconnect_time_wait: float,
+    connect_timeout: float,
+) -> None:
+    """After the first connect: the user's reconnect policy (nats-py reads it live)."""
+    options = client.options
+    options["allow_reconnect"] = allow_reconnect
+    options["max_reconnect_attempts"] = max_reconnect_attempts
+    options["reconnect_time_wait"] = reconnect_time_wait
+    options["connect_timeout"] = connect_timeout
 
 
 async def wait_future(future: asyncio.Future[Any]) -> Any:

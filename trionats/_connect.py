@@ -12,37 +12,20 @@ import trio
 from . import _errors
 from ._connection import Connection, _bridge
 from ._msg import Msg
-from ._validate import check_positive
+from ._validate import (
+    check_bool,
+    check_int,
+    check_publish_subject,
+    check_seconds,
+    check_str,
+    parse_servers,
+    redact,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
-__all__ = ["connect", "open_connection"]
-
-
-def _normalize_servers(servers: str | Sequence[str]) -> list[str]:
-    if isinstance(servers, str):
-        servers = [s.strip() for s in servers.split(",")]
-    if not isinstance(servers, list | tuple):
-        raise TypeError(f"servers must be a URL or a list of URLs, got {servers!r}")
-    result: list[str] = []
-    for url in servers:
-        if not isinstance(url, str) or not url:
-            raise ValueError(f"servers: each server must be a non-empty URL string, got {url!r}")
-        if "://" not in url:
-            url = "nats://" + url
-        scheme, _, rest = url.partition("://")
-        if scheme not in ("nats", "tls", "ws", "wss") or not rest or rest.startswith(":"):
-            raise ValueError(f"servers: malformed NATS URL {url!r}")
-        host_port = rest.rsplit("@", 1)[-1].split("/", 1)[0]
-        if ":" in host_port:
-            port = host_port.rsplit(":", 1)[1]
-            if not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"servers: bad port in {url!r}")
-        result.append(url)
-    if not result:
-        raise ValueError("servers must not be empty")
-    return result
+__all__ = ["connect", "open_connection"]  # connect is private: the pool uses it
 
 
 def _is_fatal_connect_error(exc: BaseException) -> bool:
@@ -73,31 +56,52 @@ async def connect(
     pending_size: int = 2 * 1024 * 1024,
     inbox_prefix: str = "_INBOX",
 ) -> Connection:
-    """Connect without a context manager; the caller must ``await conn.aclose()``.
+    """Connect inside a trio-asyncio loop the caller owns; the caller must ``aclose()``.
 
-    Needs a trio-asyncio loop in this task tree (the pool opens one). Most code wants
+    Private: the pool uses it inside its own loop. Users open connections with
     :func:`open_connection`, which owns the loop and the close.
     """
-    server_list = _normalize_servers(servers)
-    check_positive("connect_timeout", connect_timeout)
-    check_positive("close_timeout", close_timeout)
-    check_positive("reconnect_time_wait", reconnect_time_wait)
-    check_positive("ping_interval", ping_interval)
+    server_list = parse_servers(servers)
+    check_seconds("connect_timeout", connect_timeout)
+    check_seconds("close_timeout", close_timeout)
+    check_seconds("reconnect_time_wait", reconnect_time_wait, allow_zero=True)
+    check_seconds("ping_interval", ping_interval)
+    check_str("name", name, allow_none=True)
+    for field, value in (
+        ("user", user),
+        ("password", password),
+        ("token", token),
+        ("nkeys_seed", nkeys_seed),
+        ("nkeys_seed_str", nkeys_seed_str),
+        ("user_credentials", user_credentials),
+        ("tls_hostname", tls_hostname),
+    ):
+        if value is not None and not isinstance(value, str):
+            # Never echo the value: it may be a secret.
+            raise TypeError(f"{field} must be a str or None, got {type(value).__name__}")
     if tls is not None and not isinstance(tls, ssl.SSLContext):
-        raise TypeError(f"tls must be an ssl.SSLContext, got {type(tls).__name__}")
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raise TypeError(f"tls must be an ssl.SSLContext or None, got {type(tls).__name__}")
+    check_bool("allow_reconnect", allow_reconnect)
+    check_bool("no_echo", no_echo)
+    check_int("max_reconnect_attempts", max_reconnect_attempts, minimum=-1)
+    check_int("max_outstanding_pings", max_outstanding_pings, minimum=1)
+    check_int("pending_size", pending_size, minimum=0)
+    check_publish_subject(inbox_prefix, "inbox_prefix", cache=False)
+
     bridge = _bridge()
+    check_internals = getattr(bridge, "check_internals", None)  # TODO(compat): direct call
+    if check_internals is not None:
+        check_internals()
     client = bridge.new_client()
-    conn = Connection(client, name=name, close_timeout=close_timeout)
-    client.msg_class = functools.partial(Msg, conn)
+    conn = Connection(client, name=name, close_timeout=close_timeout, servers=server_list)
+    bridge.install_msg_factory(client, functools.partial(Msg, conn))
     errors: list[BaseException] = []
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
     fatal = False
 
     async def on_error(exc: Exception) -> None:
         nonlocal fatal
-        if not client.is_connected and not conn._closed and client._status in (0, 4):
+        if not client.is_connected and not conn._closed and bridge.is_connecting(client):
             errors.append(exc)  # still connecting: reported in the ConnectError
             if _is_fatal_connect_error(exc):
                 fatal = True  # retrying cannot help: fail now, not at the deadline
@@ -105,8 +109,12 @@ async def connect(
             return
         await conn._on_error(exc)
 
+    # Each attempt gets its share of the budget, so a server that accepts TCP and never
+    # answers cannot eat the whole connect_timeout while another listed server is alive.
+    attempts = 2 * len(server_list)  # every server is tried twice (see below)
+    per_attempt = max(connect_timeout / attempts, min(connect_timeout, 1.0))
     options: dict[str, Any] = dict(
-        servers=server_list,
+        servers=[s.url for s in server_list],
         name=name,
         error_cb=on_error,
         disconnected_cb=conn._on_disconnected,
@@ -114,7 +122,7 @@ async def connect(
         discovered_server_cb=conn._on_discovered,
         closed_cb=conn._on_closed,
         lame_duck_mode_cb=conn._on_lame_duck,
-        connect_timeout=connect_timeout,
+        connect_timeout=per_attempt,
         # First connect: try each server twice, quickly; connect_timeout bounds the whole.
         allow_reconnect=True,
         max_reconnect_attempts=1,
@@ -134,7 +142,7 @@ async def connect(
         tls_hostname=tls_hostname,
         skip_subject_validation=True,  # validated here, with clearer errors
     )
-    where = ", ".join(server_list)
+    where = ", ".join(s.display for s in server_list)
     ok = False
     try:
         try:
@@ -142,24 +150,32 @@ async def connect(
                 await bridge.run_aio(client.connect, **options)
         except _errors.ConnectError as exc:
             cause = errors[-1] if errors else exc.__cause__
-            raise _errors.ConnectError(f"could not connect to {where}: {cause or exc}") from cause
-        if scope.cancelled_caught:
-            if fatal:
-                raise _errors.ConnectError(f"could not connect to {where}: {errors[-1]}") from (
-                    errors[-1]
-                )
             raise _errors.ConnectError(
-                f"could not connect to {where} within {connect_timeout} s"
-                + (f" (last error: {errors[-1]})" if errors else "")
+                redact(f"could not connect to {where}: {cause or exc}")
+            ) from None
+        if scope.cancelled_caught:
+            last = f"{errors[-1]}" if errors else ""
+            if fatal:
+                raise _errors.ConnectError(redact(f"could not connect to {where}: {last}"))
+            raise _errors.ConnectError(
+                redact(
+                    f"could not connect to {where} within {connect_timeout} s"
+                    + (f" (last error: {last})" if last else "")
+                )
             )
         ok = True
     finally:
         if not ok:
             conn._closed = True
+            conn._released = True
             await bridge.force_close(client, close_timeout)
-    client.options["allow_reconnect"] = allow_reconnect
-    client.options["max_reconnect_attempts"] = max_reconnect_attempts
-    client.options["reconnect_time_wait"] = reconnect_time_wait
+    bridge.set_reconnect_options(
+        client,
+        allow_reconnect=allow_reconnect,
+        max_reconnect_attempts=max_reconnect_attempts,
+        reconnect_time_wait=reconnect_time_wait,
+        connect_timeout=connect_timeout,
+    )
     return conn
 
 
@@ -175,7 +191,9 @@ async def open_connection(
 
     Leaving the block normally flushes what was published and closes; leaving it by an
     exception or a cancel closes at once. Either way the close is shielded and bounded by
-    ``close_timeout``, and no asyncio or Trio task is left behind.
+    ``close_timeout``, and no asyncio or Trio task is left behind. If the server closed
+    the connection (a ``-ERR``) and no operation inside the block has raised that yet,
+    leaving the block normally raises it: a connection never dies silently.
 
     Example::
 
@@ -198,7 +216,8 @@ async def open_connection(
 
     Raises:
         ConnectError: no server could be reached within ``connect_timeout``.
-        TypeError: an unknown option.
+        ConnectionClosedError: the server closed the connection, unnoticed in the block.
+        TypeError / ValueError: an unknown option, or a bad value (named in the message).
     """
     async with _bridge().loop_scope():
         conn = await connect(servers, **options)
@@ -216,3 +235,5 @@ async def open_connection(
                     except _errors.TrionatsError:
                         pass
             await conn.aclose()
+            if conn._death is not None and not conn._death_seen:
+                raise conn._closed_error()

@@ -11,7 +11,7 @@ Hot paths pay per batch, not per message (measurements in ``docs/bridge.md``):
 
 Scheduling contract of the hot paths: every call checks for cancellation; a full yield to
 the Trio scheduler happens every :data:`YIELD_EVERY` calls (and, for publish, whenever the
-outgoing buffer holds more than :data:`YIELD_BYTES`), so a tight loop cannot starve other
+outgoing buffer holds more than 256 KiB), so a tight loop cannot starve other
 tasks and still runs near raw nats-py speed.
 """
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
 import trio
-from trio.lowlevel import Abort, checkpoint_if_cancelled, current_task, reschedule
+from trio.lowlevel import Abort, checkpoint_if_cancelled, current_task
 
 from . import _errors
 from ._events import ConnectionEvent, EventKind, EventStream
@@ -34,10 +35,13 @@ from ._validate import (
     _PUBLISH_OK,
     check_data,
     check_headers,
+    check_int,
     check_positive,
     check_publish_subject,
     check_queue,
+    check_seconds,
     check_subscribe_subject,
+    redact,
 )
 
 if TYPE_CHECKING:
@@ -45,13 +49,12 @@ if TYPE_CHECKING:
 
     from ._bridge import NatsClient
     from ._msg import Msg
+    from ._validate import ServerURL
 
-__all__ = ["YIELD_BYTES", "Connection", "ConnectionStats"]
+__all__ = ["Connection", "ConnectionStats"]
 
 log = logging.getLogger("trionats")
 
-YIELD_BYTES = 256 * 1024
-"""Outgoing bytes buffered before a publish yields so the flusher can write them."""
 
 # The server answers a request nobody listens to with an empty message carrying this.
 _STATUS_HEADER = "Status"
@@ -92,12 +95,20 @@ class ConnectionStats:
 class Connection:
     """One NATS connection, driven from Trio. Create it with :func:`open_connection`."""
 
-    def __init__(self, client: NatsClient, *, name: str | None, close_timeout: float) -> None:
+    def __init__(
+        self,
+        client: NatsClient,
+        *,
+        name: str | None,
+        close_timeout: float,
+        servers: tuple[ServerURL, ...] = (),
+    ) -> None:
         self._client = client
         bridge = _bridge()
-        self._append_publish = bridge.append_publish
-        self._step = bridge.step  # bound once: _bridge() runs an import statement
+        self._bridge = bridge  # bound once: _bridge() runs an import statement
+        self._try_append = bridge.try_append
         self.name = name
+        self._servers = servers
         self._close_timeout = close_timeout
         self._subs: set[Subscription] = set()
         self._event_streams: set[EventStream] = set()
@@ -106,8 +117,14 @@ class Connection:
         self._since_yield = 0
         self._dropped = 0
         self._events_dropped = 0
+        # _closed: no new operation may start (set by aclose, by the final step of a
+        # drain, and when the connection died). _released: the nats-py client is closed.
         self._closed = False
+        self._released = False
         self._draining = False
+        self._death: _errors.ConnectionClosedError | None = None  # why it died, if it did
+        self._death_seen = False  # an operation has raised _death to the caller
+        self._last_error: _errors.TrionatsError | None = None
         self._pings: set[Any] = set()  # PONG futures being waited for (failed on close)
 
     # -- state -------------------------------------------------------------------------
@@ -118,27 +135,41 @@ class Connection:
 
     @property
     def is_closed(self) -> bool:
+        """True once the connection is closed (by :meth:`aclose`, a drain, or the server)."""
         return self._closed or bool(self._client.is_closed)
 
     @property
     def is_draining(self) -> bool:
+        """True while :meth:`drain` runs."""
         return self._draining
 
     @property
     def is_reconnecting(self) -> bool:
+        """True while the connection is lost and being re-established."""
         return bool(self._client.is_reconnecting)
 
     @property
     def max_payload(self) -> int:
-        """The largest payload the server accepts (from its INFO)."""
-        return int(self._client._max_payload)
+        """The largest message, headers included, the server accepts (from its INFO)."""
+        return int(self._bridge.max_payload(self._client))
 
     @property
     def connected_url(self) -> str | None:
+        """The server this connection is on, credentials redacted; None when not connected."""
         url = self._client.connected_url
-        return None if url is None else str(url.geturl())
+        return None if url is None else redact(str(url.geturl()))
+
+    @property
+    def last_error(self) -> _errors.TrionatsError | None:
+        """The last error the server or the client library reported, or None.
+
+        A server ``-ERR`` that closed the connection, a permissions violation, a failed
+        reconnect attempt... Credentials never appear in it.
+        """
+        return self._last_error
 
     def stats(self) -> ConnectionStats:
+        """A snapshot of the connection's counters."""
         s = self._client.stats
         return ConnectionStats(
             in_msgs=s["in_msgs"],
@@ -154,10 +185,9 @@ class Connection:
         """Connection events (disconnected, reconnected, error, slow consumer, lame duck...).
 
         Registration happens here, so no event after this call is missed. Iteration ends
-        when the connection closes.
+        when the connection closes (after the CLOSED event).
         """
-        if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 1:
-            raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
+        check_int("buffer", buffer, minimum=1)
         stream = EventStream(self, buffer)
         if self._closed:
             stream.close()
@@ -165,15 +195,23 @@ class Connection:
 
     def _emit(self, event: ConnectionEvent) -> None:
         if event.kind is EventKind.ERROR:
-            log.warning("nats connection %s: %r", self.name or "", event.error)
+            log.warning("nats connection %s: %s", self.name or "", event.error)
         for stream in list(self._event_streams):
             stream._emit(event)
 
     def _check_open(self) -> None:
         if self._closed or self._client.is_closed:
-            raise _errors.ConnectionClosedError("the connection is closed")
-        if self._draining:
-            raise _errors.ConnectionClosedError("the connection is draining")
+            raise self._closed_error()
+
+    def _closed_error(self) -> _errors.ConnectionClosedError:
+        """The error an operation on a closed connection raises (the server's reason, if any)."""
+        death = self._death
+        if death is None:
+            return _errors.ConnectionClosedError("the connection is closed")
+        self._death_seen = True
+        error = _errors.ConnectionClosedError(str(death))
+        error.__cause__ = death.__cause__
+        return error
 
     # -- publish -----------------------------------------------------------------------
     async def publish(
@@ -187,13 +225,22 @@ class Connection:
         """Publish ``data`` on ``subject``.
 
         Appends to the outgoing buffer; the connection's flusher writes it out. Use
-        :meth:`flush` to wait until the server has it. Checks for cancellation on every
-        call; a cancelled publish sent nothing.
+        :meth:`flush` to wait until the server has it.
+
+        Cancellation: a publish that raises ``Cancelled`` sent nothing; one that returns
+        has queued its message. It checks for cancellation on every call, may wait (a
+        cancellable wait, before queueing) while the outgoing buffer is over
+        ``pending_size``, and yields to the scheduler every :data:`YIELD_EVERY` calls or
+        when 256 KiB are waiting to be written, without ever raising
+        ``Cancelled`` after the message is queued.
 
         Raises:
-            ValueError: bad subject (empty, wildcard, whitespace), payload over max_payload.
+            ValueError: bad subject (empty, wildcard, whitespace, too long), headers and
+                payload together over the server's max_payload.
             TypeError: data is not bytes-like, headers not ``dict[str, str]``.
-            ConnectionClosedError: the connection is closed or draining.
+            ConnectionClosedError: the connection is closed (with the server's reason
+                when the server closed it).
+            ReconnectBufferFullError: reconnecting, and the reconnect buffer is full.
         """
         await checkpoint_if_cancelled()
         if subject not in _PUBLISH_OK:
@@ -209,43 +256,52 @@ class Connection:
     async def _publish(
         self, subject: str, data: Any, reply: str, headers: dict[str, str] | None
     ) -> None:
-        client = self._client
-        size = len(data)
-        if size > client._max_payload:
-            raise ValueError(
-                f"payload of {size} bytes exceeds the server's max_payload of "
-                f"{client._max_payload} bytes"
-            )
-        if self._closed or self._draining or client._status != 1:  # 1 == CONNECTED
-            self._check_open()
-            if not client.is_connected and (
-                client._max_pending_size <= 0
-                or size + client._pending_data_size > client._max_pending_size
-            ):
-                raise _errors.ReconnectBufferFullError(
-                    "not connected and the reconnect buffer (pending_size) is full"
-                )
-        if headers is None:  # the hot path: a synchronous append, no coroutine
-            coro = self._append_publish(client, subject, reply, data)
-        else:
-            coro = client._send_publish(subject, reply, data, size, headers)
-        if coro is not None:  # the flusher's kick (once per batch), or a forced flush
-            done, yielded = self._step(coro)
-            if not done:  # a forced flush of a full buffer: wait for it (backpressure)
-                await _bridge().finish_in_asyncio(coro, yielded)
-                self._since_yield = 0
+        """Queue a validated message; the caller has checked for cancellation already."""
+        if self._closed:
+            raise self._closed_error()
+        hdr = None if headers is None else self._bridge.encode_headers(headers)
+        outcome = self._try_append(self._client, subject, reply, data, hdr)
+        if outcome == 0:  # APPENDED: the hot path
+            self._since_yield += 1
+            if self._since_yield < YIELD_EVERY:
                 return
-        self._since_yield += 1
-        if self._since_yield >= YIELD_EVERY or client._pending_data_size >= YIELD_BYTES:
-            self._since_yield = 0
-            await trio.lowlevel.checkpoint()
+        elif outcome != 1:  # not appended: wait for room, or fail; nothing was sent
+            await self._publish_slow(outcome, subject, data, reply, hdr)
+        self._since_yield = 0
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _publish_slow(
+        self, outcome: int, subject: str, data: Any, reply: str, hdr: bytes | None
+    ) -> None:
+        bridge = self._bridge
+        while outcome == bridge.MUST_WAIT:
+            # Backpressure: wait for the flusher before queueing, so a cancel here means
+            # the message was not sent.
+            await bridge.wait_future(bridge.flushed(self._client))
+            if self._closed:
+                raise self._closed_error()
+            outcome = self._try_append(self._client, subject, reply, data, hdr)
+        if outcome <= bridge.APPENDED_YIELD:
+            return
+        if outcome == bridge.TOO_BIG:
+            limit = bridge.max_payload(self._client)
+            size = len(data) + (0 if hdr is None else len(hdr))
+            extra = "" if hdr is None else f" ({len(hdr)} of headers + {len(data)} of data)"
+            raise ValueError(
+                f"message of {size} bytes{extra} exceeds the server's max_payload of {limit} bytes"
+            )
+        if outcome == bridge.RECONNECT_BUFFER_FULL:
+            raise _errors.ReconnectBufferFullError(
+                "not connected and the reconnect buffer (pending_size) is full"
+            )
+        raise self._closed_error()
 
     # -- request -----------------------------------------------------------------------
     async def _ensure_router(self) -> _ReplyRouter:
         if self._router is None:
             prefix = self._client.new_inbox() + "."
-            router = _ReplyRouter(prefix, _RequestTimer(_bridge().current_loop()))
-            await self._nats_subscribe(prefix + "*", None, router)
+            router = _ReplyRouter(prefix, _RequestTimer(self._bridge.current_loop()))
+            self._bridge.subscribe_nowait(self._client, prefix + "*", None, router)
             self._router = router
         return self._router
 
@@ -254,24 +310,33 @@ class Connection:
         subject: str,
         data: bytes = b"",
         *,
-        timeout: float = 2.0,
+        timeout: float | None = 2.0,
         headers: dict[str, str] | None = None,
     ) -> Msg:
         """Publish a request and wait for the first reply.
 
-        Any enclosing cancel scope also applies; a cancelled request leaves nothing behind
-        (a late reply is discarded) and the connection stays usable.
+        Any enclosing cancel scope also applies. A request cancelled before it was queued
+        sent nothing; one cancelled while waiting for its reply leaves nothing behind (a
+        late reply is discarded) and the connection stays usable.
+
+        Args:
+            subject: where to send the request.
+            data: the payload.
+            timeout: seconds to wait for the reply; None: no deadline of its own, only
+                the enclosing cancel scopes.
+            headers: optional headers.
 
         Raises:
             trionats.TimeoutError: no reply within ``timeout`` seconds.
             trionats.NoRespondersError: nobody is subscribed to ``subject``.
+            trionats.ConnectionClosedError: the connection closed before the reply came.
         """
         await checkpoint_if_cancelled()
         if subject not in _PUBLISH_OK:
             check_publish_subject(subject)
         if type(data) is not bytes:
             check_data(data)
-        if type(timeout) is not float or not timeout > 0:
+        if timeout is not None and (type(timeout) is not float or not timeout > 0):
             check_positive("timeout", timeout)
         if headers is not None:
             check_headers(headers)
@@ -280,11 +345,15 @@ class Connection:
         token = str(next(self._tokens))
         pending = _Pending()
         router.waiting[token] = pending
+        timer = router.timer
+        timed = False
         try:
             await self._publish(subject, data, router.prefix + token, headers)
-            if pending.msg is None:
+            if pending.msg is None and pending.error is None:
                 pending.task = current_task()
-                router.timer.add(pending, timeout)
+                if timeout is not None:
+                    timer.add(pending, timeout)
+                    timed = True
 
                 def abort(_: Any) -> Abort:
                     pending.task = None
@@ -293,8 +362,14 @@ class Connection:
                 await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
             router.waiting.pop(token, None)
+            pending.active = False
+            if timed:
+                timer.finished()
         msg = pending.msg
+        pending.msg = None  # the timer may keep the entry until its deadline: not the reply
         if msg is None:
+            if pending.error is not None:
+                raise self._closed_error() from None
             if self._closed:
                 raise _errors.ConnectionClosedError("the connection closed during the request")
             raise _errors.TimeoutError(f"no reply on {subject!r} within {timeout} s")
@@ -308,18 +383,6 @@ class Connection:
         return msg
 
     # -- subscribe ---------------------------------------------------------------------
-    async def _nats_subscribe(self, subject: str, queue: str | None, sink: Any) -> Any:
-        """Subscribe in nats-py and make ``sink`` its pending queue; returns the nats sub."""
-        coro = self._client.subscribe(subject, queue=queue or "")
-        done, sub = self._step(coro)
-        if not done:  # pragma: no cover - subscribe only suspends when the flusher queue is full
-            coro.close()
-            raise _errors.TrionatsError(f"nats-py subscribe suspended unexpectedly ({sub!r})")
-        # Nothing can have arrived yet: the SUB is not written before we yield.
-        sub._pending_queue = sink
-        sub._pending_bytes_limit = 0  # we enforce the limits (and count the drops) ourselves
-        return sub
-
     @asynccontextmanager
     async def subscribe(
         self,
@@ -328,11 +391,13 @@ class Connection:
         queue: str | None = None,
         max_pending_msgs: int = DEFAULT_PENDING_MSGS,
         max_pending_bytes: int = DEFAULT_PENDING_BYTES,
+        timeout: float | None = 10.0,
     ) -> AsyncIterator[Subscription]:
         """Subscribe to ``subject`` (wildcards allowed) for the duration of the block.
 
         The subscription is registered on the server when the block is entered (a message
-        published after that is received). Leaving the block unsubscribes.
+        published after that is received): entering waits for the server's confirmation
+        (a PING/PONG), at most ``timeout`` seconds. Leaving the block unsubscribes.
 
         Example::
 
@@ -340,28 +405,42 @@ class Connection:
                 async for msg in sub:
                     ...
 
+        Args:
+            subject: the subject, wildcards allowed as whole tokens.
+            queue: a queue group name: each message goes to one member of the group.
+            max_pending_msgs: messages buffered before new ones are dropped (counted).
+            max_pending_bytes: payload bytes buffered before new messages are dropped.
+            timeout: seconds to wait for the registration; None: no deadline of its own.
+
         Raises:
-            ValueError / TypeError: bad subject, queue or limits.
+            ValueError / TypeError: bad subject, queue, limits or timeout.
+            trionats.TimeoutError: the server did not confirm within ``timeout``.
+            trionats.ConnectionClosedError: the connection is closed or draining.
         """
         check_subscribe_subject(subject)
         check_queue(queue)
-        for name, value in (
-            ("max_pending_msgs", max_pending_msgs),
-            ("max_pending_bytes", max_pending_bytes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int("max_pending_msgs", max_pending_msgs, minimum=1)
+        check_int("max_pending_bytes", max_pending_bytes, minimum=1)
+        timeout = check_seconds("timeout", timeout, allow_none=True)
         await checkpoint_if_cancelled()
         self._check_open()
+        if self._draining:
+            raise _errors.ConnectionClosedError("the connection is draining")
         sub = Subscription(self, subject, queue, max_pending_msgs, max_pending_bytes)
-        sub._nats_sub = await self._nats_subscribe(subject, queue, sub)
+        sub._nats_sub = self._bridge.subscribe_nowait(self._client, subject, queue, sub)
         self._subs.add(sub)
         try:
-            await self.flush()
+            try:
+                await self.flush(timeout=timeout)
+            except _errors.TimeoutError:
+                raise _errors.TimeoutError(
+                    f"the server did not confirm the subscription to {subject!r} within {timeout} s"
+                ) from None
             yield sub
         finally:
             self._subs.discard(sub)
             self._unsubscribe_nowait(sub)
+            sub._finished()
 
     def _unsubscribe_nowait(self, sub: Subscription, *, send_unsub: bool = True) -> None:
         """Stop routing messages to ``sub`` and end it (after what it has buffered)."""
@@ -370,35 +449,29 @@ class Connection:
         if nats_sub is None:
             return
         sub._nats_sub = None
-        self._client._remove_sub(nats_sub._id)
-        if send_unsub:
-            self._send_unsub(nats_sub)
-
-    def _send_unsub(self, nats_sub: Any) -> None:
-        """Queue an UNSUB; the server stops sending after it (in-flight messages still come)."""
-        client = self._client
-        if not client.is_connected:
-            return  # nats-py does not replay removed subscriptions on reconnect
-        coro = client._send_unsubscribe(nats_sub._id)
-        try:
-            done, _ = self._step(coro)
-        except _errors.TrionatsError:  # pragma: no cover - the connection died meanwhile
-            return
-        if not done:  # pragma: no cover - the UNSUB is queued; only the kick is skipped
-            coro.close()
+        self._bridge.unsubscribe_nowait(
+            self._client, nats_sub, send_unsub=send_unsub and not self._released
+        )
 
     # -- flush / drain / close -----------------------------------------------------------
-    async def flush(self, timeout: float = 10.0) -> None:
+    async def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until the server has processed everything sent so far (a PING/PONG).
+
+        Never returns on a connection that is closed or lost: a flush in flight fails
+        when the connection is lost or closed, rather than waiting for its timeout.
+
+        Args:
+            timeout: seconds; None: no deadline of its own, only the enclosing scopes.
 
         Raises:
             trionats.TimeoutError: no PONG within ``timeout`` seconds.
+            trionats.ConnectionClosedError: the connection is closed (with the server's
+                reason when the server closed it), or was lost during the flush.
         """
-        check_positive("timeout", timeout)
+        timeout = check_seconds("timeout", timeout, allow_none=True)
         await checkpoint_if_cancelled()
-        if self._closed or self._client.is_closed:
-            raise _errors.ConnectionClosedError("the connection is closed")
-        with trio.move_on_after(timeout) as scope:
+        self._check_open()
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             await self._ping()
         if scope.cancelled_caught:
             raise _errors.TimeoutError(f"flush did not complete within {timeout} s")
@@ -411,8 +484,10 @@ class Connection:
         late PONG raise InvalidStateError inside the read loop and kills it).
         """
         if not self._client.is_connected:
+            if self._closed or self._client.is_closed:
+                raise self._closed_error()
             raise _errors.ConnectionClosedError("not connected (the connection is reconnecting)")
-        bridge = _bridge()
+        bridge = self._bridge
         future = bridge.send_ping(self._client)
         self._pings.add(future)
         try:
@@ -420,34 +495,40 @@ class Connection:
         finally:
             self._pings.discard(future)
 
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Drain and close: stop subscriptions, deliver what was buffered, flush, close.
+    async def drain(self, timeout: float | None = 30.0) -> None:
+        """Drain and close: stop subscriptions, let consumers finish, flush, close.
 
         Each subscription is unsubscribed on the server; after a round trip, every message
-        the server sent for it is buffered, and subscribers have ``timeout`` seconds to take
-        them (iteration then ends). Then pending publishes are flushed and the connection
-        closes. A cancel cuts the waiting short but the connection is still closed (shielded,
+        the server sent for it is buffered. Consumers then have until ``timeout`` to take
+        them and finish: a subscription counts as finished when its consumer comes back
+        for more after the last message (iteration ends) or its ``subscribe`` block exits,
+        so a handler still working on the last message can still respond. Publishing
+        (replies included) is allowed until the final flush; then the connection closes.
+        A cancel cuts the waiting short but the connection is still closed (shielded,
         bounded by the close timeout) before ``Cancelled`` propagates.
+
+        Args:
+            timeout: seconds for the whole drain; None: no deadline of its own.
         """
-        check_positive("timeout", timeout)
+        timeout = check_seconds("timeout", timeout, allow_none=True)
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._draining = True
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(math.inf if timeout is None else timeout):
                 subs = list(self._subs)
                 # UNSUB first and keep routing: messages the server sent before it must
                 # still reach the buffers. After the PONG nothing more can come.
                 for sub in subs:
                     if sub._nats_sub is not None:
-                        self._send_unsub(sub._nats_sub)
+                        self._bridge.send_unsub_nowait(self._client, sub._nats_sub)
                 if self._client.is_connected:
                     await self._ping()
                 for sub in subs:
                     self._unsubscribe_nowait(sub, send_unsub=False)
                 for sub in subs:
-                    await sub._wait_emptied()
+                    await sub._wait_finished()
                 if self._client.is_connected:
                     await self._ping()
         finally:
@@ -460,40 +541,55 @@ class Connection:
         Shielded and bounded by the connection's ``close_timeout``, so it completes even in
         a cancelled scope and cannot hang.
         """
-        if self._closed:
+        if self._released:
             return
         self._closed = True
+        self._released = True
         self._draining = False
-        for sub in list(self._subs):
-            sub._end()
-        self._subs.clear()
-        router = self._router
-        if router is not None:
-            router.timer.close()
-            for pending in router.waiting.values():
-                task = pending.task
-                if task is not None:  # pragma: no cover - requests live inside the block
-                    pending.task = None
-                    reschedule(task)
-        self._fail_pings("the connection closed")
-        await _bridge().force_close(self._client, self._close_timeout)
+        self._end_everything(_errors.ConnectionClosedError("the connection closed"))
+        await self._bridge.force_close(self._client, self._close_timeout)
         self._emit(ConnectionEvent(EventKind.CLOSED))
         for stream in list(self._event_streams):
             stream.close()
 
-    # -- nats-py callbacks (run on the Trio thread, inside the asyncio loop) -------------
-    async def _on_error(self, exc: Exception) -> None:
-        self._emit(ConnectionEvent(EventKind.ERROR, error=_bridge().translate(exc)))
+    def _end_everything(self, error: _errors.ConnectionClosedError) -> None:
+        """End subscriptions, wake waiting requests and flushes: nothing more will come."""
+        for sub in list(self._subs):
+            sub._end(error if self._death is not None else None)
+        router = self._router
+        if router is not None:
+            router.timer.close()
+            router.fail_all(error)
+        self._fail_pings(error)
 
-    def _fail_pings(self, why: str) -> None:
+    def _fail_pings(self, error: BaseException) -> None:
         """Flushes in flight fail now rather than at their timeout: no PONG will come."""
         for future in self._pings:
             if not future.done():
-                future.set_exception(_errors.ConnectionClosedError(why))
+                future.set_exception(error)
+
+    # -- nats-py callbacks (run on the Trio thread, inside the asyncio loop) -------------
+    def _reason(self) -> _errors.TrionatsError | None:
+        """What nats-py recorded as the last error, translated and redacted."""
+        exc = self._bridge.last_error(self._client)
+        if exc is None:
+            return None
+        error = self._bridge.translate(exc)
+        if not isinstance(error, _errors.TrionatsError):  # pragma: no cover - translate's rule
+            error = _errors.TrionatsError(redact(str(error)))
+        return error
+
+    async def _on_error(self, exc: Exception) -> None:
+        error = self._bridge.translate(exc)
+        if isinstance(error, _errors.TrionatsError):
+            self._last_error = error
+        self._emit(ConnectionEvent(EventKind.ERROR, error=error))
 
     async def _on_disconnected(self) -> None:
         # nats-py forgets the PONGs it waits for when it reconnects.
-        self._fail_pings("disconnected during the flush")
+        reason = self._reason() if self._client.is_closed else None
+        why = "the connection was lost during the flush"
+        self._fail_pings(_errors.ConnectionClosedError(f"{why}: {reason}" if reason else why))
         if not self._closed:
             self._emit(ConnectionEvent(EventKind.DISCONNECTED))
 
@@ -507,11 +603,25 @@ class Connection:
         self._emit(ConnectionEvent(EventKind.LAME_DUCK))
 
     async def _on_closed(self) -> None:
-        # Closed by nats-py itself (e.g. reconnect attempts exhausted): end subscriptions.
-        if not self._closed:
-            error = _errors.ConnectionClosedError("the connection was closed by the client library")
-            for sub in list(self._subs):
-                sub._end(error)
+        """nats-py closed the connection itself: a server -ERR, or reconnects exhausted."""
+        if self._closed:
+            return  # our own aclose
+        self._closed = True
+        reason = self._reason()
+        if reason is not None:
+            death = _errors.ConnectionClosedError(f"the server closed the connection: {reason}")
+            death.__cause__ = reason
+            self._last_error = reason
+        else:
+            death = _errors.ConnectionClosedError(
+                "the connection closed: the client library gave up reconnecting"
+            )
+        self._death = death
+        self._end_everything(death)
+        self._emit(ConnectionEvent(EventKind.ERROR, error=death))
+        self._emit(ConnectionEvent(EventKind.CLOSED))
+        for stream in list(self._event_streams):
+            stream.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "connected" if self.is_connected else "connecting"

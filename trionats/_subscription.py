@@ -50,7 +50,10 @@ class Subscription:
         self._ended = False  # no more messages will be added; iteration ends when empty
         self._closed_error: BaseException | None = None
         self._since_yield = 0
-        self._emptied: trio.Event | None = None
+        # Set once the consumer is finished: it came back for more after the last message
+        # of an ended subscription, or the subscribe block exited (drain waits for it).
+        self._finished_event: trio.Event | None = None
+        self._is_finished = False
         self._nats_sub: Any = None
         self.delivered = 0
         self.dropped = 0
@@ -91,8 +94,6 @@ class Subscription:
         if waiter is not None:
             self._waiter = None
             reschedule(waiter)
-        if not self._buffer and self._emptied is not None:
-            self._emptied.set()
 
     # -- consumer side -----------------------------------------------------------------
     @property
@@ -141,8 +142,6 @@ class Subscription:
         self._bytes -= len(msg.data)
         self.delivered += 1
         self._dropping = False
-        if not self._buffer and self._ended and self._emptied is not None:
-            self._emptied.set()
         return msg
 
     async def _wait(self) -> None:
@@ -175,6 +174,7 @@ class Subscription:
         while not self._buffer:
             if self._ended:
                 await checkpoint_if_cancelled()
+                self._finished()  # came back for more after the last message
                 if self._closed_error is not None:
                     raise self._closed_error
                 raise StopAsyncIteration
@@ -202,6 +202,7 @@ class Subscription:
                 await self._wait()
             if not self._buffer:
                 await checkpoint_if_cancelled()
+                self._finished()  # came back for more after the last message
                 if self._closed_error is not None:
                     raise self._closed_error
                 return []
@@ -209,10 +210,19 @@ class Subscription:
         n = len(self._buffer) if max_msgs is None else min(max_msgs, len(self._buffer))
         return [self._take() for _ in range(n)]
 
-    async def _wait_emptied(self) -> None:
-        if self._buffer:
-            self._emptied = trio.Event()
-            await self._emptied.wait()
+    def _finished(self) -> None:
+        """The consumer will take nothing more: a drain need not wait for it."""
+        self._is_finished = True
+        if self._finished_event is not None:
+            self._finished_event.set()
+
+    async def _wait_finished(self) -> None:
+        if self._is_finished:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._finished_event is None:
+            self._finished_event = trio.Event()
+        await self._finished_event.wait()
 
     async def unsubscribe(self) -> None:
         """Remove interest now; buffered messages are still delivered, then iteration ends."""
