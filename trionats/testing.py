@@ -8,7 +8,10 @@ available everywhere:
 * ``nats_url``: its URL;
 * ``nats_cluster``: a 3-node cluster (a list of servers).
 
-The fixtures are Trio fixtures (pytest-trio): use them from async tests.
+The fixtures are Trio fixtures (pytest-trio): use them from async tests. Each server is
+stopped when its test ends, and on Linux it also dies with the test process if that is
+killed outright (SIGKILL, a CI runner's timeout): no orphaned nats-server is left holding
+a port (see :func:`trionats.open_nats_server`).
 """
 
 from __future__ import annotations
