@@ -4,7 +4,7 @@ Runs against an embedded nats-server on 127.0.0.1::
 
     python benchmarks/bench_pool.py [--ops 50000] [--borrowers 100] [--rounds 50]
 
-Targets (issue 4): < 20 µs per borrow+return on an idle hit; reuse rate >= 90 %.
+Targets: < 20 µs per borrow+return on an idle hit; reuse rate >= 90 %.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ process, on Trio) and once with raw nats-py on plain asyncio in a child process 
 trio_asyncio changes asyncio's loop policy for the whole process, which would slow the raw
 side down). Same server, same payloads; warm-up is excluded on both sides; repetitions
 are interleaved and the median and the spread (min..max) are reported.
+
+The child processes run under ``trio.run_process``: a cancel (Ctrl-C or SIGTERM in the
+CLI) stops them at once. Each child's stdin is a pipe whose other end only this process
+holds, and the child exits when it reads end-of-file there: so even a parent killed with
+SIGKILL leaves no benchmark child behind (the embedded server has its own guard, see
+``trionats._server``). A child that fails raises :class:`BenchError` with its own stderr.
 """
 
 from __future__ import annotations
@@ -14,18 +20,28 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from ._errors import TrionatsError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
     from ._msg import Msg
 
-__all__ = ["SCENARIOS", "BenchConfig", "run_bench"]
+__all__ = ["SCENARIOS", "BenchConfig", "BenchError", "run_bench"]
+
+
+class BenchError(TrionatsError):
+    """The benchmark could not run: no server at the URL, or a child process failed.
+
+    The message carries the child's own stderr (its last lines).
+    """
+
 
 SCENARIOS = ("publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms")
 WARMUP = 1000
@@ -478,8 +494,8 @@ int main(int argc, char **argv) {
 """
 
 
-def build_c_client(workdir: str) -> str | None:
-    """Build the libnats benchmark program; None (with the reason printed) when not possible."""
+def _c_source(workdir: str) -> tuple[str, str, str] | None:
+    """Write the C program; (compiler, source, binary), or None with the reason printed."""
     import shutil
 
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -497,45 +513,147 @@ def build_c_client(workdir: str) -> str | None:
     binary = os.path.join(workdir, "cbench")
     with open(source, "w") as f:
         f.write(_C_SOURCE)
-    result = subprocess.run(
-        [compiler, "-O2", "-o", binary, source, "-lnats"], capture_output=True, text=True
+    return compiler, source, binary
+
+
+async def build_c_client(workdir: str) -> str | None:
+    """Build the libnats benchmark program; None (with the reason printed) when not possible."""
+    import trio
+
+    found = _c_source(workdir)
+    if found is None:
+        return None
+    compiler, source, binary = found
+    result = await trio.run_process(
+        [compiler, "-O2", "-o", binary, source, "-lnats"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     if result.returncode != 0:
-        print(f"C client skipped: build failed:\n{result.stderr[-1000:]}", file=sys.stderr)
+        stderr = result.stderr.decode(errors="replace")[-1000:]
+        print(f"C client skipped: build failed:\n{stderr}", file=sys.stderr)
         return None
     return binary
 
 
-def _run_c(binary: str, scenario: str, url: str, count: int, size: int) -> Any:
-    out = subprocess.run(
-        [binary, scenario, url, str(count), str(size)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------------ driver --
-def _run_raw_child(scenario: str, url: str, count: int, size: int, concurrency: int) -> Any:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trionats._bench",
-            scenario,
-            url,
-            str(count),
-            str(size),
-            str(concurrency),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+_PARENT_PIPE_FLAG = "--exit-when-stdin-closes"
+
+
+def _redact(text: str) -> str:
+    from ._validate import redact
+
+    return redact(text)
+
+
+async def _run_child(
+    command: list[str], what: str, started: Callable[[str, int], None] | None = None
+) -> Any:
+    """Run one benchmark child under ``trio.run_process``; its last stdout line is JSON.
+
+    The child's stdin is the read end of a pipe whose write end only this process holds:
+    a child run with ``--exit-when-stdin-closes`` exits when this process dies, however
+    it dies. ``started(what, pid)`` is called once the child runs.
+
+    Raises:
+        BenchError: the child failed (its exit status and its own stderr) or printed no
+            result.
+    """
+    import trio
+
+    from ._errors import reraise_unwrapped
+
+    read_end, write_end = os.pipe()  # not inheritable: no other child gets write_end
+    done: Any = None
+
+    async def run(task_status: trio.TaskStatus[trio.Process]) -> None:
+        nonlocal done
+        done = await trio.run_process(
+            command,
+            stdin=read_end,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            task_status=task_status,
+        )
+
+    try:
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(run)
+            os.close(read_end)  # the child has its copy
+            read_end = -1
+            if started is not None:
+                started(what, process.pid)
+    except BaseExceptionGroup as group:  # the one level our nursery added
+        reraise_unwrapped(group, 1)
+    finally:
+        if read_end != -1:
+            os.close(read_end)
+        os.close(write_end)
+    stdout = done.stdout.decode(errors="replace")
+    stderr = done.stderr.decode(errors="replace")
+    if done.returncode != 0:
+        how = (
+            f"was killed by signal {-done.returncode}"
+            if done.returncode < 0
+            else f"exited with status {done.returncode}"
+        )
+        raise BenchError(_redact(f"{what} {how}:\n{stderr[-3000:].rstrip() or '(no stderr)'}"))
+    lines = stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise BenchError(
+            _redact(f"{what} printed no result:\n{stdout[-1000:]}\n{stderr[-2000:]}")
+        ) from None
+
+
+def _raw_command(scenario: str, url: str, count: int, size: int, concurrency: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "trionats._bench",
+        scenario,
+        url,
+        str(count),
+        str(size),
+        str(concurrency),
+        _PARENT_PIPE_FLAG,
+    ]
+
+
+async def check_server(url: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing answers at ``url``: a TCP connect, then the server's INFO.
+
+    Without it, the raw nats-py child would retry its first connect for about two
+    minutes (nats-py's defaults) before it reports the failure.
+
+    Raises:
+        ValueError: ``url`` is not a valid server URL.
+        BenchError: no connection, or no INFO line within ``timeout``.
+    """
+    import trio
+
+    from ._validate import parse_server_url
+
+    parsed = parse_server_url(url, "url")
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+            async with stream:
+                if parsed.scheme in ("nats", "tls"):  # a websocket says nothing first
+                    data = await stream.receive_some(4096)
+                    if not data.startswith(b"INFO"):
+                        raise BenchError(
+                            f"{parsed.display} is not a NATS server (it sent {data[:40]!r})"
+                        )
+    except OSError as exc:
+        raise BenchError(f"no NATS server answers at {parsed.display}: {exc}") from None
+    except trio.TooSlowError:
+        raise BenchError(
+            f"no NATS server answers at {parsed.display}: no INFO within {timeout} s"
+        ) from None
 
 
 def machine_facts() -> dict[str, Any]:
@@ -583,16 +701,21 @@ async def run_bench(
     progress: Callable[[str, int, str], None] | None = None,
     c_binary: str | None = None,
     duration: float | None = None,
+    started: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the scenarios against ``url``; returns raw figures, the summary and machine facts.
 
-    ``progress(scenario, rep, side)`` is called after each single run.
-    """
-    import trio
+    ``progress(scenario, rep, side)`` is called after each single run, ``started(what,
+    pid)`` when a child process starts.
 
+    Raises:
+        ValueError: an unknown scenario or a bad URL.
+        BenchError: nothing answers at ``url``, or a child failed (with its stderr).
+    """
     for scenario in scenarios:
         if scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    await check_server(url)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {"trionats": [], "raw": []} for s in scenarios
     }
@@ -613,8 +736,10 @@ async def run_bench(
     for rep in range(config.reps):
         for scenario in scenarios:
             n = counts[scenario]
-            raw = await trio.to_thread.run_sync(
-                _run_raw_child, scenario, url, n, config.size, config.concurrency
+            raw = await _run_child(
+                _raw_command(scenario, url, n, config.size, config.concurrency),
+                f"raw nats-py child ({scenario}, rep {rep + 1})",
+                started,
             )
             results[scenario]["raw"].append(raw)
             if progress:
@@ -624,7 +749,11 @@ async def run_bench(
             if progress:
                 progress(scenario, rep, "trionats")
             if c_binary is not None and scenario in C_SCENARIOS:
-                c = await trio.to_thread.run_sync(_run_c, c_binary, scenario, url, n, config.size)
+                c = await _run_child(
+                    [c_binary, scenario, url, str(n), str(config.size)],
+                    f"C client ({scenario}, rep {rep + 1})",
+                    started,
+                )
                 c_results.setdefault(scenario, []).append(c)
     summary = summarize(results)
     for scenario, runs in c_results.items():
@@ -639,6 +768,24 @@ async def run_bench(
     }
 
 
+def _exit_when_stdin_closes() -> None:
+    """In the child: exit at once when the parent's end of our stdin pipe closes.
+
+    Only the parent holds that end, so end-of-file means the parent is gone (however it
+    died): nothing is left running for it.
+    """
+
+    def watch() -> None:
+        while os.read(0, 4096):
+            pass
+        os._exit(75)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 if __name__ == "__main__":  # the raw nats-py child process
+    if _PARENT_PIPE_FLAG in sys.argv:
+        sys.argv.remove(_PARENT_PIPE_FLAG)
+        _exit_when_stdin_closes()
     _scenario, _url, _count, _size, _conc = sys.argv[1:6]
     print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc))))

@@ -2,28 +2,36 @@
 
 * ``trionats demo``: start an embedded nats-server, connect, subscribe, publish, request,
   print what happened, stop everything in order and show nothing was left behind.
+* ``trionats bench``: trionats against raw nats-py, side by side.
 * ``trionats server``: run the embedded server (or a local cluster) until Ctrl-C.
 
-Ctrl-C at any moment stops cleanly: Trio turns it into a cancel of the main task, every
-``async with`` unwinds in order, and the server child process is stopped on the way out.
+Ctrl-C (SIGINT) or SIGTERM at any moment stops cleanly: the signal cancels the command,
+every ``async with`` unwinds in order, and child processes (a benchmark's raw nats-py
+child, the embedded server) are stopped on the way out; the exit status is then 130 or
+143. A second Ctrl-C while stopping raises ``KeyboardInterrupt`` at once, and a second
+SIGTERM kills the process: even then nothing is left behind (the server and the benchmark
+children each watch for their parent's death).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._errors import reraise_unwrapped
 from ._server import monitor_json, open_nats_cluster, open_nats_server
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ._msg import Msg
 
@@ -182,7 +190,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from ._bench import SCENARIOS, BenchConfig, build_c_client, run_bench
+    from ._bench import SCENARIOS, BenchConfig, build_c_client, check_server, run_bench
 
     scenarios = args.scenario or list(SCENARIOS)
     config = (
@@ -201,14 +209,23 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         def advance(scenario: str, rep: int, side: str) -> None:
             progress.update(task, advance=1, description=f"{scenario} rep {rep + 1} {side}")
 
+        def started(what: str, pid: int) -> None:
+            if args.verbose:
+                progress.console.print(f"started {what}, pid {pid}", markup=False)
+
         async with AsyncExitStack() as stack:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="trionats-bench-"))
-            c_binary = build_c_client(workdir) if args.with_c else None
             url = args.url
+            if url is not None:
+                await check_server(url)  # before building anything: fail within seconds
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="trionats-bench-"))
+            c_binary = await build_c_client(workdir) if args.with_c else None
             if url is None:
                 server = await stack.enter_async_context(open_nats_server())
                 url = server.url
-            report = await run_bench(url, scenarios, config, advance, c_binary, args.duration)
+                started(f"embedded nats-server at {url}", server.pid or 0)
+            report = await run_bench(
+                url, scenarios, config, advance, c_binary, args.duration, started
+            )
     table = Table(
         title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs; "
         f"median of {config.reps}, latency trionats / raw)"
@@ -285,6 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     p_bench.add_argument(
         "--with-c", action="store_true", help="add the C client libnats as the ceiling"
     )
+    p_bench.add_argument(
+        "--verbose", action="store_true", help="name each child process (and its pid) it starts"
+    )
     p_server = commands.add_parser("server", help="run the embedded nats-server until Ctrl-C")
     p_server.add_argument("--port", type=int, default=None)
     p_server.add_argument("--jetstream", action="store_true")
@@ -301,17 +321,84 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             _parser().error(f"--{name} must be >= 1, got {value}")
+    from ._bench import BenchError
+
     try:
         if args.command == "demo":
-            trio.run(demo, args.messages, args.requests)
+            stopped_by = _run_until_signal(demo, args.messages, args.requests)
         elif args.command == "bench":
-            trio.run(bench, args)
+            stopped_by = _run_until_signal(bench, args)
         else:
-            trio.run(serve, args.port, args.jetstream, args.cluster)
-    except KeyboardInterrupt:
-        _say("interrupted: stopped cleanly")
-        return 130
-    return 0
+            stopped_by = _run_until_signal(serve, args.port, args.jetstream, args.cluster)
+    except KeyboardInterrupt:  # a Ctrl-C outside the signal watch (start-up, a second one)
+        stopped_by = signal.SIGINT
+    except BenchError as exc:
+        print(f"trionats bench: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if stopped_by is None:
+        return 0
+    if stopped_by == signal.SIGTERM:
+        _say("terminated: stopped cleanly")
+        return 128 + signal.SIGTERM
+    _say("interrupted: stopped cleanly")
+    return 128 + signal.SIGINT
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _run_until_signal(
+    command: Callable[..., Awaitable[object]], *args: object
+) -> signal.Signals | None:
+    """``trio.run(command, *args)``, with Ctrl-C and SIGTERM turned into a cancel.
+
+    Returns the signal that stopped the command, or None when it finished by itself. A
+    signal the process ignores (``SIG_IGN``, as a shell's background job ignores SIGINT)
+    stays ignored. After the first signal the previous handlers are back, so a second
+    Ctrl-C or SIGTERM acts at once. An error raised while stopping after a signal is
+    reported on stderr, not raised: the signal is why the command ended.
+    """
+    received: list[signal.Signals] = []
+
+    async def watch(
+        scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        signals = [
+            signum
+            for signum in _STOP_SIGNALS
+            if threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signum) is not signal.SIG_IGN
+        ]
+        if not signals:
+            task_status.started()
+            return
+        with trio.open_signal_receiver(*signals) as receiver:
+            task_status.started()
+            async for signum in receiver:
+                received.append(signal.Signals(signum))
+                scope.cancel()
+                return
+
+    async def main() -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watch, nursery.cancel_scope)
+                await command(*args)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the one level our nursery added
+            try:
+                reraise_unwrapped(group, 1)
+            except Exception as exc:
+                if not received:
+                    raise
+                print(f"while stopping: {exc!r}", file=sys.stderr, flush=True)
+        except Exception as exc:
+            if not received:
+                raise
+            print(f"while stopping: {exc!r}", file=sys.stderr, flush=True)
+
+    trio.run(main)
+    return received[0] if received else None
 
 
 if __name__ == "__main__":  # pragma: no cover
