@@ -47,18 +47,40 @@ async def publish_n(nc: trionats.Connection, subject: str, n: int) -> None:
     ("field", "value"),
     [
         ("max_workers", 0),
-        ("max_workers", True),
-        ("max_workers", 1.5),
+        ("max_workers", -3),
         ("pending_msgs", 0),
-        ("pending_bytes", "1"),
+        ("pending_msgs", -1),
+        ("pending_bytes", -1),
         ("handler_timeout", 0),
+        ("handler_timeout", -1),
         ("handler_timeout", math.inf),
+        ("handler_timeout", math.nan),
         ("stop_timeout", -1),
         ("stop_timeout", math.nan),
+        ("stop_timeout", math.inf),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"SubscriberConfig\.{field} .*{value!r}"):
+        SubscriberConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_workers", "x"),
+        ("max_workers", True),
+        ("max_workers", 1.5),
+        ("max_workers", None),
+        ("pending_msgs", 2.0),
+        ("pending_bytes", "1"),
+        ("handler_timeout", "5"),
+        ("handler_timeout", False),
+        ("stop_timeout", "1"),
+    ],
+)
+def test_config_rejects_bad_types_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(TypeError, match=rf"SubscriberConfig\.{field} .*{value!r}"):
         SubscriberConfig(**{field: value})  # type: ignore[arg-type]
 
 

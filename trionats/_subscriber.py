@@ -30,6 +30,8 @@ but still completes every step before ``Cancelled`` propagates.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +43,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from . import _errors
-from ._validate import check_queue, check_subscribe_subject
+from ._validate import check_int, check_queue, check_seconds, check_subscribe_subject
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -68,19 +70,40 @@ _YIELD_EVERY = 64
 """Messages one worker handles between two full yields to the Trio scheduler."""
 
 
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+def _unwrap_partial(obj: object) -> object:
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return obj
 
 
-def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or math.isnan(value) or math.isinf(value):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
+def _is_async_callable(obj: object) -> bool:
+    """``obj(...)`` runs an ``async def``: a function, a bound method, a partial of one, or
+    an object whose ``__call__`` is ``async def``."""
+    target = _unwrap_partial(obj)
+    if inspect.iscoroutinefunction(target):
+        return True
+    if isinstance(target, type) or not callable(target):
+        return False
+    return inspect.iscoroutinefunction(getattr(target, "__call__", None))  # noqa: B004
+
+
+def _callable_name(obj: object) -> str:
+    """``module.QualifiedName`` of a handler (of its class, for a callable object)."""
+    target = _unwrap_partial(obj)
+    name = getattr(target, "__qualname__", None)
+    if not isinstance(name, str):
+        name = type(target).__qualname__
+    module = getattr(target, "__module__", None)
+    if not isinstance(module, str):
+        module = type(target).__module__
+    name = f"{module}.{name}"
+    return f"functools.partial({name})" if target is not obj else name
+
+
+def _check_handler(handler: object) -> None:
+    if not _is_async_callable(handler):
+        what = _callable_name(handler) if callable(handler) else type(handler).__name__
+        raise TypeError(f"handler must be an async function (async def), got {what}: {handler!r}")
 
 
 @final
@@ -99,7 +122,9 @@ class SubscriberConfig:
             ``handle.stop()`` without a timeout) gives in-flight handlers.
 
     Raises:
-        ValueError: a field has a bad value or type; the message names the field.
+        TypeError: a field has the wrong type (``max_workers="x"``); the message names the
+            field and the value.
+        ValueError: a field has a wrong value (``max_workers=0``, ``pending_msgs=-1``).
 
     Example::
 
@@ -114,16 +139,15 @@ class SubscriberConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "pending_msgs", "pending_bytes"):
-            _check_int(f"SubscriberConfig.{name}", getattr(self, name))
-        if self.handler_timeout is not None:
-            timeout = _check_seconds(
-                "SubscriberConfig.handler_timeout", self.handler_timeout, allow_zero=False
-            )
-            object.__setattr__(self, "handler_timeout", timeout)
-        timeout = _check_seconds(
+            check_int(f"SubscriberConfig.{name}", getattr(self, name), minimum=1)
+        handler_timeout = check_seconds(
+            "SubscriberConfig.handler_timeout", self.handler_timeout, allow_none=True
+        )
+        object.__setattr__(self, "handler_timeout", handler_timeout)
+        stop_timeout = check_seconds(
             "SubscriberConfig.stop_timeout", self.stop_timeout, allow_zero=True
         )
-        object.__setattr__(self, "stop_timeout", timeout)
+        object.__setattr__(self, "stop_timeout", stop_timeout)
 
 
 @final
@@ -423,6 +447,7 @@ class SubscriptionHandle:
                 ``stop_timeout``. 0 cancels them at once.
 
         Raises:
+            TypeError: ``timeout`` is not a number or None.
             ValueError: ``timeout`` is negative, NaN or infinite.
 
         Example::
@@ -434,7 +459,7 @@ class SubscriptionHandle:
         if timeout is None:
             timeout = self._subscriber._config.stop_timeout
         else:
-            timeout = _check_seconds("timeout", timeout, allow_zero=True)
+            timeout = check_seconds("timeout", timeout, allow_zero=True)
         deadline = min(trio.current_time() + timeout, trio.current_effective_deadline())
         self._request_stop(deadline)
         await self._wait_stopped()
@@ -501,6 +526,8 @@ class SubscriptionHandle:
                     self._idle.unpark_all()
                     self._subscriber._slot_freed.unpark_all()
                 # The nursery now waits for in-flight handlers, until the stop deadline.
+        except BaseExceptionGroup as group:
+            _errors.reraise_unwrapped(group, 1)  # only the workers nursery's own level
         finally:
             sub_core.stopped(self._core)
             self._subscriber._active.pop(self, None)
@@ -659,11 +686,16 @@ class Subscriber:
         after this returns is received. The subscription runs in the subscriber's nursery
         until ``handle.stop()`` or the end of the ``open_subscriber`` block.
 
-        A handler is ``async def handler(msg) -> bytes | None``. When the message is a
-        request and the handler returns bytes, they are the reply. A handler that raises is
-        counted as failed and logged, and a request gets an empty reply with the headers
-        ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500`` (504 for a timeout);
-        the subscription and the other handlers carry on.
+        A handler is ``async def handler(msg) -> bytes | None``: an ``async def``
+        function, a bound ``async def`` method, a ``functools.partial`` of one, or an
+        object whose ``__call__`` is ``async def``. Anything else is a ``TypeError`` here,
+        including a plain function that returns a coroutine (a decorator that is not
+        itself ``async def``, say): mark such a wrapper with
+        ``inspect.markcoroutinefunction`` (Python 3.12+) or make it ``async def``. When
+        the message is a request and the handler returns bytes, they are the reply. A
+        handler that raises is counted as failed and logged, and a request gets an empty
+        reply with the headers ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500``
+        (504 for a timeout); the subscription and the other handlers carry on.
 
         Args:
             subject: the subject, wildcards allowed.
@@ -676,7 +708,9 @@ class Subscriber:
             The handle: ``stop()``, ``stats()``, ``subject``, ``queue``.
 
         Raises:
-            ValueError / TypeError: bad subject, queue, handler or max_workers.
+            TypeError: the handler is not an async function, or an argument has the wrong
+                type.
+            ValueError: bad subject, queue or max_workers.
             trionats.SubscriptionClosedError: the subscriber is shutting down.
             trionats.ConnectionClosedError: the connection is closed.
 
@@ -687,14 +721,13 @@ class Subscriber:
 
             handle = await subscriber.start("orders.*", handle_order, queue="workers")
         """
-        if not callable(handler):
-            raise TypeError(f"handler must be an async function, got {handler!r}")
+        _check_handler(handler)
         check_subscribe_subject(subject)
         check_queue(queue)
         if max_workers is None:
             max_workers = self._config.max_workers
         else:
-            _check_int("max_workers", max_workers)
+            max_workers = check_int("max_workers", max_workers, minimum=1)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closing:
             raise _errors.SubscriptionClosedError("the subscriber is shutting down")
@@ -702,14 +735,7 @@ class Subscriber:
         self._core.add(handle._core)
         self._active[handle] = None
         try:
-            try:
-                await self._nursery.start(handle._run, self._conn)
-            except BaseExceptionGroup as group:
-                # What _run raised before it was started, wrapped by nursery.start.
-                leaf = _unwrap(group)
-                if leaf is None:
-                    raise
-                raise leaf from leaf.__cause__
+            await self._nursery.start(handle._run, self._conn)
         except BaseException:
             self._core.stopping(handle._core)
             self._core.stopped(handle._core)
@@ -747,15 +773,6 @@ class Subscriber:
         return f"<trionats.Subscriber active={len(self.active())} {self._core.in_flight} in flight>"
 
 
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
-
-
 @asynccontextmanager
 async def open_subscriber(
     nc_or_pool: Connection | Pool[Connection], config: SubscriberConfig | None = None
@@ -767,6 +784,9 @@ async def open_subscriber(
     bounded buffer, and what does not fit is dropped and counted. Leaving the block stops
     every subscription (see :meth:`SubscriptionHandle.stop`) with ``config.stop_timeout`` as
     the grace period; an exception or a cancel does the same with the time that is left.
+
+    An exception raised in the block comes out as it was raised (an ``ExceptionGroup`` of
+    your own stays intact); only the level the subscriber's own nursery adds is removed.
 
     Given a pool, one connection is borrowed (``pool.borrow(long_lived=True)``, its default
     timeout) for the lifetime of the block and returned when every subscription has
@@ -820,7 +840,5 @@ async def _open_subscriber(conn: Connection, config: SubscriberConfig) -> AsyncI
             finally:
                 await subscriber._stop_all(config.stop_timeout)
     except BaseExceptionGroup as group:
-        leaf = _unwrap(group)
-        if leaf is None:
-            raise
-        raise leaf from leaf.__cause__
+        # Only the level our nursery added: a group the block raised comes out intact.
+        _errors.reraise_unwrapped(group, 1)
