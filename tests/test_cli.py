@@ -104,6 +104,14 @@ def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
     assert "--count must be >= 1" in capsys.readouterr().err
 
 
+def test_bench_rejects_a_bad_url_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--url", "nats://user:secret@127.0.0.1:notaport"])
+    err = capsys.readouterr().err
+    assert "--url: malformed host or port" in err
+    assert "secret" not in err
+
+
 def test_bench_duration_calibrates_the_count(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "--duration", "0.2", "--reps", "1", "--scenario", "publish"]

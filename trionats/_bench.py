@@ -51,7 +51,9 @@ WARMUP = 1000
 class BenchConfig:
     """What to run: message count, payload size, concurrency, repetitions.
 
-    ``count`` is the number of messages for publish/pubsub; request runs ``count // 5``.
+    ``count`` is the number of messages for publish, pubsub and subscriber; request and
+    pool run ``count // 5`` (at least ``concurrency``), subscriber_1ms ``count // 20``
+    (between 100 and 5,000): see :meth:`count_for`.
     """
 
     count: int = 100_000
@@ -68,6 +70,7 @@ class BenchConfig:
             raise ValueError(f"size must be an int >= 0, got {self.size!r}")
 
     def count_for(self, scenario: str) -> int:
+        """The number of messages (or requests) one run of ``scenario`` handles."""
         if scenario in ("request", "pool"):
             return max(self.concurrency, self.count // 5)
         if scenario == "subscriber_1ms":

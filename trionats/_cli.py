@@ -321,6 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             _parser().error(f"--{name} must be >= 1, got {value}")
+    if getattr(args, "url", None) is not None:
+        from ._validate import parse_server_url
+
+        try:
+            parse_server_url(args.url, "--url")
+        except ValueError as exc:
+            _parser().error(str(exc))
     from ._bench import BenchError
 
     try:
