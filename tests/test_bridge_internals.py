@@ -2,7 +2,7 @@
 
 If an upgrade of nats-py changes any of this, these tests fail loudly (rather than
 trionats silently getting slower or losing messages). pyproject.toml bounds nats-py to
-the versions these tests cover.
+the versions these tests cover; ``.ci/run`` runs them with the lowest and the newest.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import inspect
 
 import nats.aio.client
 import nats.aio.subscription
+import nats.protocol.command
 import trio
 
 import trionats
@@ -22,6 +23,33 @@ def test_send_publish_signature_and_buffer_append() -> None:
     source = inspect.getsource(nats.aio.client.Client._send_command)
     assert "self._pending.append(cmd)" in source
     assert "force_flush=True" in source
+
+
+def test_flusher_completes_each_kick_unless_done() -> None:
+    """The bridge kicks the flusher with a shared object whose done() is True.
+
+    nats-py's flusher takes one item from ``_flush_queue`` per write and completes it
+    only ``if not future.done()`` (2.10+; 2.9 called set_result unconditionally).
+    """
+    source = inspect.getsource(nats.aio.client.Client._flusher)
+    assert "await self._flush_queue.get()" in source
+    assert "if not future.done():" in source
+    assert "self._transport.writelines(self._pending[:])" in source
+
+
+def test_protocol_command_builders() -> None:
+    assert list(inspect.signature(nats.protocol.command.pub_cmd).parameters) == [
+        "subject",
+        "reply",
+        "payload",
+    ]
+    assert list(inspect.signature(nats.protocol.command.hpub_cmd).parameters) == [
+        "subject",
+        "reply",
+        "hdr",
+        "payload",
+    ]
+    assert nats.protocol.command.pub_cmd("a", "r", b"xy") == b"PUB a r 2\r\nxy\r\n"
 
 
 def test_msg_class_is_how_messages_are_built() -> None:

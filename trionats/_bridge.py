@@ -540,3 +540,156 @@ def current_loop() -> Any:
 
 def new_client() -> NatsClient:
     return NatsClient()
+
+
+# -- compatibility check --
+SUPPORTED = "nats-py>=2.16,<2.17; trio-asyncio>=0.15,<0.17; trio>=0.27"
+"""The dependency range CI tests (``.ci/run``); a test keeps it equal to pyproject.toml."""
+
+_internals_checked = False
+_internals_problem: str | None = None
+
+
+def check_internals() -> None:
+    """Check, once per process, that the nats-py and trio-asyncio internals used here exist.
+
+    Covers what this module and the connect options rely on beyond the public APIs:
+    attributes, status constants, ``Client.connect`` keyword arguments, and the names the
+    relied-on nats-py / trio-asyncio functions use (their code objects' ``co_names``, so no
+    source files are needed). The outcome is cached: later calls cost a global lookup.
+
+    Raises:
+        TrionatsError: one message naming the installed nats-py, trio-asyncio and trio
+            versions, the supported range (:data:`SUPPORTED`) and every missing piece.
+    """
+    global _internals_checked, _internals_problem
+    if not _internals_checked:
+        import importlib.metadata
+        import inspect
+
+        import nats.aio.client
+        import nats.aio.subscription
+        import nats.protocol.command
+        import trio_asyncio._base
+
+        missing: list[str] = []
+
+        def uses(where: str, fn: Any, names: str) -> None:
+            code = getattr(fn, "__code__", None)
+            have = () if code is None else code.co_names
+            absent = [name for name in names.split() if name not in have]
+            if absent:
+                missing.append(f"{where} using {', '.join(absent)}")
+
+        def params(where: str, fn: Any, names: str) -> None:
+            try:
+                have: Any = inspect.signature(fn).parameters
+            except (TypeError, ValueError):  # not a function
+                have = ()
+            absent = [name for name in names.split() if name not in have]
+            if absent:
+                missing.append(f"{where}({'=, '.join(absent)}=)")
+
+        def has(where: str, obj: Any, names: str) -> None:
+            missing.extend(f"{where}.{name}" for name in names.split() if not hasattr(obj, name))
+
+        client_cls: Any = getattr(nats.aio.client, "Client", None)
+        statuses = (
+            "DISCONNECTED CONNECTED CLOSED RECONNECTING CONNECTING DRAINING_SUBS DRAINING_PUBS"
+        )
+        for value, name in enumerate(statuses.split()):
+            if getattr(client_cls, name, None) != value:
+                missing.append(f"Client.{name} == {value}")
+        has(
+            "Client",
+            client_cls,
+            "connect close drain subscribe new_inbox is_connected last_error "
+            "_send_unsubscribe _remove_sub _flush_pending _flusher",
+        )
+        try:
+            client = client_cls()
+        except Exception as exc:  # pragma: no cover - only an incompatible nats-py
+            client = None
+            missing.append(f"Client() ({type(exc).__name__}: {exc})")
+        has(
+            "Client()",
+            client,
+            "_pending _pending_data_size _max_pending_size _max_payload _flush_queue _pongs "
+            "_status _subs _transport _reading_task _flusher_task _ping_interval_task "
+            "_reconnection_task msg_class",
+        )
+        if not isinstance(getattr(client, "_pending", None), list):
+            missing.append("Client()._pending as a list")
+        stats = getattr(client, "stats", None)
+        if not isinstance(stats, dict) or not {"out_msgs", "out_bytes"} <= stats.keys():
+            missing.append("Client().stats['out_msgs', 'out_bytes']")
+        if not isinstance(getattr(client, "options", None), dict):
+            missing.append("Client().options as a dict")
+        params(
+            "Client.connect",
+            getattr(client_cls, "connect", None),
+            "servers name error_cb disconnected_cb reconnected_cb discovered_server_cb "
+            "closed_cb lame_duck_mode_cb connect_timeout allow_reconnect "
+            "max_reconnect_attempts reconnect_time_wait ping_interval max_outstanding_pings "
+            "no_echo pending_size inbox_prefix user password token nkeys_seed nkeys_seed_str "
+            "user_credentials tls tls_hostname skip_subject_validation",
+        )
+        # The read loop hands each message, built by msg_class, to the subscription's
+        # _pending_queue.put_nowait; the flusher takes one kick per write, completes it
+        # unless done().
+        uses(
+            "Client._process_msg",
+            getattr(client_cls, "_process_msg", None),
+            "_pending_queue put_nowait _pending_bytes_limit _build_message",
+        )
+        uses("Client._build_message", getattr(client_cls, "_build_message", None), "msg_class")
+        uses(
+            "Client._flusher",
+            getattr(client_cls, "_flusher", None),
+            "_flush_queue _pending _pending_data_size done",
+        )
+        uses(
+            "Subscription.__init__",
+            getattr(getattr(nats.aio.subscription, "Subscription", None), "__init__", None),
+            "_pending_queue _pending_bytes_limit _id",
+        )
+        if not isinstance(getattr(nats.aio.client, "PING_PROTO", None), bytes):
+            missing.append("nats.aio.client.PING_PROTO")
+        command = nats.protocol.command
+        params("pub_cmd", getattr(command, "pub_cmd", None), "subject reply payload")
+        params("hpub_cmd", getattr(command, "hpub_cmd", None), "subject reply hdr payload")
+        has(
+            "nats.errors",
+            nats.errors,
+            "Error NoRespondersError TimeoutError ConnectionClosedError ConnectionDrainingError "
+            "ConnectionReconnectingError OutboundBufferLimitError NoServersError "
+            "AuthorizationError",
+        )
+        has("trio_asyncio", trio_asyncio, "open_loop current_loop aio_as_trio")
+        has("trio_asyncio._handles", trio_asyncio._handles, "AsyncHandle")
+        loop_cls = getattr(trio_asyncio._base, "BaseTrioEventLoop", None)
+        uses(
+            "BaseTrioEventLoop._main_loop", getattr(loop_cls, "_main_loop", None), "_main_loop_one"
+        )
+        uses(
+            "BaseTrioEventLoop._main_loop_one",
+            getattr(loop_cls, "_main_loop_one", None),
+            "_timers _q_recv _nursery AsyncHandle _started _context _run _callback",
+        )
+        if missing:
+
+            def installed(dist: str) -> str:
+                try:
+                    return importlib.metadata.version(dist)
+                except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+                    return "not installed"
+
+            _internals_problem = (
+                f"trionats does not support the installed nats-py {installed('nats-py')}, "
+                f"trio-asyncio {installed('trio-asyncio')}, trio {installed('trio')}: these "
+                f"internals it relies on are missing or changed: {'; '.join(missing)}. "
+                f"Supported: {SUPPORTED}."
+            )
+        _internals_checked = True
+    if _internals_problem is not None:
+        raise _errors.TrionatsError(_internals_problem)
