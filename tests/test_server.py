@@ -64,3 +64,35 @@ async def test_cluster_routes_messages_between_nodes(
                     msg = await sub.next_msg()
                     break
         assert msg.data == b"hop"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"port": "4222"}, TypeError, r"port must be an int.*'4222'"),
+        ({"port": 70000}, ValueError, r"port must be in 1\.\.65535, got 70000"),
+        ({"port": -1}, ValueError, r"port.*-1"),
+        ({"jetstream": 1}, TypeError, r"jetstream must be a bool.*1"),
+        ({"args": "-DV"}, TypeError, r"args must be a list or tuple of str.*'-DV'"),
+        ({"args": ["-DV", 5]}, TypeError, r"args item.*5"),
+    ],
+)
+async def test_bad_server_options_name_the_field(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        async with trionats.open_nats_server(**kwargs):  # type: ignore[arg-type]
+            pass
+
+
+async def test_bad_cluster_size_and_stop_timeout_name_the_field() -> None:
+    with pytest.raises(TypeError, match=r"size must be an int.*'3'"):
+        async with trionats.open_nats_cluster("3"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ValueError, match=r"size.*0"):
+        async with trionats.open_nats_cluster(0):
+            pass
+    async with trionats.open_nats_server() as server:
+        with pytest.raises(ValueError, match=r"timeout.*-1"):
+            await server.stop(timeout=-1)
+        assert server.is_running

@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING, Any, final
 import trio
 
 from ._errors import ServerNotFoundError, TrionatsError
+from ._validate import check_bool, check_int, check_seconds, check_str
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -266,12 +267,22 @@ class NatsServer:
         binary: str | None = None,
         ready_timeout: float = 10.0,
     ) -> None:
+        port = check_int("port", port, minimum=1, allow_none=True)
+        if port is not None and port > 65535:
+            raise ValueError(f"port must be in 1..65535, got {port!r}")
+        check_bool("jetstream", jetstream)
+        check_bool("monitor", monitor)
+        if isinstance(args, str) or not isinstance(args, list | tuple):
+            raise TypeError(f"args must be a list or tuple of str, got {args!r}")
+        for arg in args:
+            check_str("args item", arg, allow_empty=True)
+        self.ready_timeout = check_seconds("ready_timeout", ready_timeout)
+        binary = check_str("binary", binary, allow_none=True)
         self.binary = binary or find_nats_server()
         self.port = port or free_port()
         self.monitor_port: int | None = free_port() if monitor else None
         self.jetstream = jetstream
         self.extra_args = list(args)
-        self.ready_timeout = ready_timeout
         self._dir = tempfile.mkdtemp(prefix="trionats-server-")
         self._process: _ServerProcess | trio.Process | None = None
         self._log_path = Path(self._dir) / "server.log"
@@ -351,7 +362,12 @@ class NatsServer:
         """Stop the process (SIGTERM, then SIGKILL after ``timeout``); safe to call twice.
 
         Runs shielded, bounded by ``timeout`` + 5 s, so a cancel cannot leave it behind.
+
+        Raises:
+            TypeError: ``timeout`` is not a number.
+            ValueError: ``timeout`` is not a finite number >= 0.
         """
+        timeout = check_seconds("timeout", timeout, allow_zero=True)
         process = self._process
         if process is None:
             return
@@ -421,8 +437,9 @@ async def open_nats_cluster(
     Every node is stopped when the block exits, and dies with this process like the
     server of :func:`open_nats_server`.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size!r}")
+    check_int("size", size, minimum=1)
+    check_bool("jetstream", jetstream)
+    check_bool("monitor", monitor)
     cluster_ports = [free_port() for _ in range(size)]
     routes = ",".join(f"nats://{_HOST}:{p}" for p in cluster_ports)
     servers = [
