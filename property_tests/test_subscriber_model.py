@@ -80,6 +80,7 @@ class FakeConn:
         queue: str | None = None,
         max_pending_msgs: int,
         max_pending_bytes: int,
+        timeout: float | None,
     ) -> AsyncIterator[Subscription]:
         sub = Subscription(self, subject, queue, max_pending_msgs, max_pending_bytes)  # type: ignore[arg-type]
         await trio.lowlevel.checkpoint()

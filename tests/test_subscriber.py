@@ -84,6 +84,12 @@ def test_config_rejects_bad_types_naming_the_field(field: str, value: object) ->
         SubscriberConfig(**{field: value})  # type: ignore[arg-type]
 
 
+def test_config_timeouts_accept_none_as_no_deadline() -> None:
+    config = SubscriberConfig(handler_timeout=None, stop_timeout=None)
+    assert (config.handler_timeout, config.stop_timeout) == (None, None)
+    assert SubscriberConfig(stop_timeout=0, handler_timeout=1).stop_timeout == 0.0
+
+
 def test_config_defaults() -> None:
     config = SubscriberConfig()
     assert (config.max_workers, config.pending_msgs, config.pending_bytes) == (

@@ -46,6 +46,8 @@ from . import _errors
 from ._validate import check_int, check_queue, check_seconds, check_subscribe_subject
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from ._connection import Connection
     from ._msg import Msg
     from ._pool import Pool
@@ -68,6 +70,20 @@ Handler = Callable[["Msg"], Awaitable[bytes | None]]
 _MAX_ERROR_HEADER = 256
 _YIELD_EVERY = 64
 """Messages one worker handles between two full yields to the Trio scheduler."""
+
+
+_CANCEL_GRACE = 0.25
+"""Seconds a stop waits, after cancelling the handlers still running, before it reports the
+ones that do not end (shielded from cancellation) and returns without them."""
+
+_DEFAULT_START_TIMEOUT = 10.0
+
+
+class _Default(enum.Enum):
+    DEFAULT = "default"
+
+
+_DEFAULT = _Default.DEFAULT
 
 
 def _unwrap_partial(obj: object) -> object:
@@ -119,7 +135,8 @@ class SubscriberConfig:
         handler_timeout: seconds one handler may run before it is cancelled and counted as
             ``timed_out`` (None: no limit).
         stop_timeout: grace period, in seconds, that leaving ``open_subscriber`` (and
-            ``handle.stop()`` without a timeout) gives in-flight handlers.
+            ``handle.stop()`` without a timeout) gives in-flight handlers (None: no
+            deadline of its own, only the enclosing cancel scopes).
 
     Raises:
         TypeError: a field has the wrong type (``max_workers="x"``); the message names the
@@ -135,7 +152,7 @@ class SubscriberConfig:
     pending_msgs: int = 128 * 1024
     pending_bytes: int = 256 * 1024 * 1024
     handler_timeout: float | None = None
-    stop_timeout: float = 5.0
+    stop_timeout: float | None = 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "pending_msgs", "pending_bytes"):
@@ -145,7 +162,7 @@ class SubscriberConfig:
         )
         object.__setattr__(self, "handler_timeout", handler_timeout)
         stop_timeout = check_seconds(
-            "SubscriberConfig.stop_timeout", self.stop_timeout, allow_zero=True
+            "SubscriberConfig.stop_timeout", self.stop_timeout, allow_none=True, allow_zero=True
         )
         object.__setattr__(self, "stop_timeout", stop_timeout)
 
@@ -430,7 +447,7 @@ class SubscriptionHandle:
         """True once the subscription has ended and none of its handlers runs any more."""
         return self._done.is_set()
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self, timeout: float | _Default | None = _DEFAULT) -> None:
         """Stop this subscription; returns when none of its handlers runs any more.
 
         Stops taking messages, unsubscribes (the server sends no more to this member of the
@@ -442,9 +459,18 @@ class SubscriptionHandle:
         the call is cancelled, the remaining handlers are cancelled at once, the stop is
         completed, and then ``Cancelled`` propagates: a stop is never left half done.
 
+        A handler that shields itself from cancellation cannot be stopped: 0.25 s after it
+        was cancelled, ``stop`` logs a WARNING (logger ``trionats.subscriber``) naming the
+        subject, the handler and its task, and returns (or lets ``Cancelled`` propagate)
+        without it. The handler keeps running in the subscriber's nursery, counted
+        ``in_flight`` until it ends; ``stopped`` stays False until then, and leaving
+        ``open_subscriber`` waits for it.
+
         Args:
-            timeout: grace period for in-flight handlers; defaults to the subscriber's
-                ``stop_timeout``. 0 cancels them at once.
+            timeout: grace period, in seconds, for in-flight handlers; 0 cancels them at
+                once; None: no deadline of its own (wait for them to finish, bounded only
+                by the enclosing cancel scopes). Defaults to the subscriber's
+                ``stop_timeout``.
 
         Raises:
             TypeError: ``timeout`` is not a number or None.
@@ -456,13 +482,14 @@ class SubscriptionHandle:
             ...
             await handle.stop(timeout=2)
         """
-        if timeout is None:
+        if timeout is _DEFAULT:
             timeout = self._subscriber._config.stop_timeout
         else:
-            timeout = check_seconds("timeout", timeout, allow_zero=True)
-        deadline = min(trio.current_time() + timeout, trio.current_effective_deadline())
+            timeout = check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
+        own = math.inf if timeout is None else trio.current_time() + timeout
+        deadline = min(own, trio.current_effective_deadline())
         self._request_stop(deadline)
-        await self._wait_stopped()
+        await self._wait_stopped(deadline)
 
     def __repr__(self) -> str:
         return (
@@ -480,18 +507,63 @@ class SubscriptionHandle:
             scope = self._workers.cancel_scope
             scope.deadline = min(scope.deadline, deadline)
 
-    async def _wait_stopped(self) -> None:
+    async def _wait_stopped(self, deadline: float) -> None:
+        """Wait until stopped; at most ``_CANCEL_GRACE`` after handlers are cancelled."""
         try:
-            await self._done.wait()
+            with trio.move_on_at(deadline + _CANCEL_GRACE):
+                await self._done.wait()
         except trio.Cancelled:
             # Our caller is cancelled: no grace left. Finish the stop, then propagate.
             self._request_stop(-math.inf)
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_GRACE):
                 await self._done.wait()
+            if not self._done.is_set():
+                self._warn_stuck("handle.stop() (cancelled)")
             raise
+        if not self._done.is_set():
+            self._warn_stuck("handle.stop()")
+
+    def _warn_stuck(self, who: str) -> None:
+        """Log the handlers that did not end although they were cancelled."""
+        log.warning(
+            "%s: %d handler(s) of the subscription on %r did not end %.2f s after being "
+            "cancelled (shielded from cancellation?): handler %s; stuck: %s. They stay in "
+            "the subscriber's nursery, are counted when they end, and leaving "
+            "open_subscriber waits for them.",
+            who,
+            self._core.in_flight,
+            self.subject,
+            _CANCEL_GRACE,
+            _callable_name(self._handler),
+            ", ".join(self._stuck_tasks()) or "(no task found)",
+        )
+
+    def _stuck_tasks(self) -> list[str]:
+        """The worker tasks still alive, each with where its handler is waiting."""
+        workers = self._workers
+        if workers is None:
+            return []
+        found = []
+        for task in workers.child_tasks:
+            frames: list[FrameType] = [frame for frame, _ in task.iter_await_frames()]
+            where = ""
+            for i, frame in enumerate(frames[:-1]):
+                if frame.f_code is _HANDLE_ONE_CODE:
+                    inner = frames[i + 1]
+                    where = (
+                        f" in {inner.f_code.co_qualname} "
+                        f"({inner.f_code.co_filename}:{inner.f_lineno})"
+                    )
+                    break
+            found.append(f"{task!r}{where}")
+        return found
 
     async def _run(
-        self, conn: Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        conn: Connection,
+        timeout: float | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         sub_core = self._subscriber._core
         config = self._subscriber._config
@@ -506,6 +578,7 @@ class SubscriptionHandle:
                         queue=self.queue,
                         max_pending_msgs=config.pending_msgs,
                         max_pending_bytes=config.pending_bytes,
+                        timeout=timeout,
                     ) as sub:
                         self._sub = sub
                         sub_core.running(self._core, sub)
@@ -654,6 +727,9 @@ class SubscriptionHandle:
             log.warning("could not send the error reply for %r: %r", msg.subject, exc)
 
 
+_HANDLE_ONE_CODE = SubscriptionHandle._handle_one.__code__
+
+
 @final
 class Subscriber:
     """Runs handlers for subscriptions with bounded concurrency. Use :func:`open_subscriber`."""
@@ -679,6 +755,7 @@ class Subscriber:
         *,
         queue: str | None = None,
         max_workers: int | None = None,
+        timeout: float | None = _DEFAULT_START_TIMEOUT,
     ) -> SubscriptionHandle:
         """Subscribe to ``subject`` and run ``handler`` for each message.
 
@@ -703,6 +780,9 @@ class Subscriber:
             queue: a queue group name: each message goes to one member of the group.
             max_workers: a limit on concurrent handlers for this subscription alone (the
                 subscriber's ``max_workers`` applies too).
+            timeout: seconds to wait for the server to confirm the subscription (a frozen
+                server never does); None: no deadline of its own, only the enclosing
+                cancel scopes.
 
         Returns:
             The handle: ``stop()``, ``stats()``, ``subject``, ``queue``.
@@ -710,7 +790,9 @@ class Subscriber:
         Raises:
             TypeError: the handler is not an async function, or an argument has the wrong
                 type.
-            ValueError: bad subject, queue or max_workers.
+            ValueError: bad subject, queue, max_workers or timeout.
+            trionats.TimeoutError: the server did not confirm the subscription in time
+                (nothing is left subscribed).
             trionats.SubscriptionClosedError: the subscriber is shutting down.
             trionats.ConnectionClosedError: the connection is closed.
 
@@ -728,6 +810,7 @@ class Subscriber:
             max_workers = self._config.max_workers
         else:
             max_workers = check_int("max_workers", max_workers, minimum=1)
+        timeout = check_seconds("timeout", timeout, allow_none=True)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closing:
             raise _errors.SubscriptionClosedError("the subscriber is shutting down")
@@ -735,7 +818,7 @@ class Subscriber:
         self._core.add(handle._core)
         self._active[handle] = None
         try:
-            await self._nursery.start(handle._run, self._conn)
+            await self._nursery.start(handle._run, self._conn, timeout)
         except BaseException:
             self._core.stopping(handle._core)
             self._core.stopped(handle._core)
@@ -752,22 +835,37 @@ class Subscriber:
         """A snapshot of the counters over all subscriptions, including stopped ones."""
         return self._core.stats()
 
-    async def _stop_all(self, timeout: float) -> None:
+    async def _stop_all(self, timeout: float | None) -> None:
+        """Stop every handle (``timeout``: grace period; None: no deadline of its own).
+
+        Returns at most ``_CANCEL_GRACE`` after the handlers were cancelled, having logged
+        the ones that did not end; the nursery of ``open_subscriber`` then waits for them.
+        """
         self._closing = True
         handles = list(self._active)
-        deadline = min(trio.current_time() + timeout, trio.current_effective_deadline())
+        own = math.inf if timeout is None else trio.current_time() + timeout
+        deadline = min(own, trio.current_effective_deadline())
         for h in handles:
             h._request_stop(deadline)
         try:
-            for h in handles:
-                await h._done.wait()
+            with trio.move_on_at(deadline + _CANCEL_GRACE):
+                for h in handles:
+                    await h._done.wait()
         except trio.Cancelled:
             for h in handles:
                 h._request_stop(-math.inf)
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_GRACE):
                 for h in handles:
                     await h._done.wait()
+            self._warn_stuck(handles)
             raise
+        self._warn_stuck(handles)
+
+    @staticmethod
+    def _warn_stuck(handles: list[SubscriptionHandle]) -> None:
+        for h in handles:
+            if not h._done.is_set():
+                h._warn_stuck("leaving open_subscriber")
 
     def __repr__(self) -> str:
         return f"<trionats.Subscriber active={len(self.active())} {self._core.in_flight} in flight>"
@@ -784,6 +882,8 @@ async def open_subscriber(
     bounded buffer, and what does not fit is dropped and counted. Leaving the block stops
     every subscription (see :meth:`SubscriptionHandle.stop`) with ``config.stop_timeout`` as
     the grace period; an exception or a cancel does the same with the time that is left.
+    A handler shielded from cancellation that outlives the grace period is logged (WARNING)
+    and waited for: the block does not end while one of its handlers still runs.
 
     An exception raised in the block comes out as it was raised (an ``ExceptionGroup`` of
     your own stays intact); only the level the subscriber's own nursery adds is removed.
