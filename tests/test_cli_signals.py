@@ -224,3 +224,27 @@ def test_bench_to_a_missing_server_fails_within_seconds() -> None:
     assert "no NATS server answers at nats://***@127.0.0.1:9" in done.stderr
     assert "pw" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
+@pytest.mark.parametrize("args", [["server"], ["server", "--cluster", "2"]])
+async def test_server_command_killed_leaves_no_server(args: list[str]) -> None:
+    process, output = await _start(args, b"Ctrl-C to stop")
+    pids = [int(pid) for pid in re.findall(rb"\(pid (\d+)\)", output)]
+    try:
+        assert len(pids) == (2 if "--cluster" in args else 1), output
+        assert not any(process_gone(pid) for pid in pids)
+        process.kill()
+        await _finish(process, output, 15)
+        left = await wait_gone(pids, 5)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        assert process.stdout is not None
+        await process.stdout.aclose()
+        for pid in pids:
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    assert left == []
