@@ -59,6 +59,7 @@ class FakeConn:
         self.events: list[Any] = []
         self.subs: list[Subscription] = []
         self.published: list[tuple[str, bytes, dict[str, str] | None]] = []
+        self.last_error: Exception | None = None
 
     def _emit(self, event: Any) -> None:
         self.events.append(event)

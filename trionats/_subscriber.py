@@ -43,7 +43,13 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from . import _errors
-from ._validate import check_int, check_queue, check_seconds, check_subscribe_subject
+from ._validate import (
+    check_int,
+    check_queue,
+    check_seconds,
+    check_subscribe_subject,
+    redact,
+)
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -190,6 +196,9 @@ class SubscriberStats:
         pending: messages buffered, waiting for a free worker slot.
         pending_bytes: payload bytes of those messages.
         active: running subscriptions (0 or 1 for a handle).
+        connection_error: the most recent error the connection reported (the server's
+            ``-ERR`` reason, for one, when it closed the connection), as text with any
+            credentials redacted; None when it reported none.
     """
 
     received: int
@@ -202,6 +211,7 @@ class SubscriberStats:
     pending: int
     pending_bytes: int
     active: int
+    connection_error: str | None = None
 
 
 class _Source(Protocol):
@@ -260,7 +270,7 @@ class _HandleCore:
         self.cancelled = 0
         self.discarded = 0  # taken from the buffer at stop, never handled
 
-    def stats(self) -> SubscriberStats:
+    def stats(self, connection_error: str | None = None) -> SubscriberStats:
         src = self.source
         delivered = dropped = pending = pending_bytes = 0
         if src is not None:
@@ -277,6 +287,7 @@ class _HandleCore:
             pending=pending,
             pending_bytes=pending_bytes,
             active=1 if self.state in (_State.RUNNING, _State.STOPPING) else 0,
+            connection_error=connection_error,
         )
 
 
@@ -355,7 +366,7 @@ class _SubscriberCore:
             ):
                 self._retired[i] += v
 
-    def stats(self) -> SubscriberStats:
+    def stats(self, connection_error: str | None = None) -> SubscriberStats:
         received, processed, failed, timed_out, cancelled, dropped = self._retired[:6]
         in_flight = pending = pending_bytes = active = 0
         for h in self.handles:
@@ -381,6 +392,7 @@ class _SubscriberCore:
             pending=pending,
             pending_bytes=pending_bytes,
             active=active,
+            connection_error=connection_error,
         )
 
 
@@ -440,7 +452,7 @@ class SubscriptionHandle:
     # -- public --------------------------------------------------------------------------
     def stats(self) -> SubscriberStats:
         """A snapshot of this subscription's counters (see :class:`SubscriberStats`)."""
-        return self._core.stats()
+        return self._core.stats(self._subscriber._connection_error())
 
     @property
     def stopped(self) -> bool:
@@ -586,10 +598,12 @@ class SubscriptionHandle:
                         task_status.started()
                         await self._wake_run.wait()
                         if self._core.state is _State.RUNNING:
+                            reason = self._subscriber._connection_error()
                             log.warning(
-                                "subscription on %r ended (connection closed); "
+                                "subscription on %r ended (connection closed%s); "
                                 "finishing its in-flight handlers",
                                 self.subject,
+                                f": {reason}" if reason else "",
                             )
                 finally:
                     # Leaving `subscribe` unsubscribed (synchronously) and woke the worker
@@ -833,7 +847,11 @@ class Subscriber:
 
     def stats(self) -> SubscriberStats:
         """A snapshot of the counters over all subscriptions, including stopped ones."""
-        return self._core.stats()
+        return self._core.stats(self._connection_error())
+
+    def _connection_error(self) -> str | None:
+        error = self._conn.last_error
+        return None if error is None else redact(str(error) or type(error).__name__)
 
     async def _stop_all(self, timeout: float | None) -> None:
         """Stop every handle (``timeout``: grace period; None: no deadline of its own).
