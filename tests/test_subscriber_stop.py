@@ -252,16 +252,24 @@ async def test_start_timeout_none_means_no_deadline_of_its_own(nats_url: str) ->
 # -- 7. a frozen server: every wait is bounded ---------------------------------------------
 
 
-@asynccontextmanager
-async def frozen(server: trionats.NatsServer) -> AsyncIterator[None]:
-    """SIGSTOP the server for the block (it answers nothing), SIGCONT after."""
+async def freeze(server: trionats.NatsServer) -> int:
+    """SIGSTOP the server (it answers nothing until thawed); returns its pid."""
     pid = server.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
+    with trio.fail_after(5):  # bounded polling until the kernel has stopped it
+        while process_state(pid) != "T":  # noqa: ASYNC110
+            await trio.sleep(0.001)
+    return pid
+
+
+@asynccontextmanager
+async def frozen(server: trionats.NatsServer) -> AsyncIterator[None]:
+    """The server frozen for the block, thawed (SIGCONT) after."""
+    pid = server.pid
+    assert pid is not None
     try:
-        with trio.fail_after(5):  # bounded polling until the kernel has stopped it
-            while process_state(pid) != "T":  # noqa: ASYNC110
-                await trio.sleep(0.001)
+        await freeze(server)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -302,3 +310,40 @@ async def test_start_timeout_argument(nats_url: str) -> None:
         with pytest.raises(ValueError, match=r"timeout .*-1"):
             await subscriber.start("a", async_function, timeout=-1)
         assert subscriber.stats().active == 0
+
+
+async def test_stop_and_leaving_the_block_on_a_frozen_server_are_bounded(
+    nats_server: trionats.NatsServer,
+) -> None:
+    """Unsubscribing waits for no answer from the server: a frozen one cannot hang a stop."""
+
+    async def forever(msg: trionats.Msg) -> None:
+        await trio.sleep_forever()
+
+    pid = nats_server.pid
+    assert pid is not None
+    async with (
+        trionats.open_connection(nats_server.url) as nc,
+        trionats.open_connection(nats_server.url) as pub,
+    ):
+        try:
+            async with open_subscriber(nc, SubscriberConfig(stop_timeout=0.2)) as subscriber:
+                first = await subscriber.start("frozen.first", forever)
+                second = await subscriber.start("frozen.second", forever)
+                await publish_n(pub, "frozen.first", 1)
+                await publish_n(pub, "frozen.second", 1)
+                await wait_until(lambda: subscriber.stats().in_flight == 2)
+                await freeze(nats_server)  # until after the subscriber's exit
+                start = trio.current_time()
+                await first.stop(timeout=0.2)
+                assert 0.2 <= trio.current_time() - start < 0.2 + 1.0
+                assert first.stopped
+                exit_started = trio.current_time()
+            assert trio.current_time() - exit_started < 0.2 + 1.0  # stop_timeout, not more
+            assert process_state(pid) == "T"  # still frozen
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert second.stopped
+        s = subscriber.stats()
+        assert (s.cancelled, s.in_flight, s.active) == (2, 0, 0)
+        assert balanced(s)
