@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/bench_subscriber.py [--quick]``. Starts its own nats-server on
 127.0.0.1; the publisher is a second connection in the same process, so both sides share
-the CPU (as in BRIDGE_FINDINGS.md). Each figure is the median of 3 runs.
+the CPU (as in the README's benchmarks). Each figure is the median of 3 runs.
 
 1. overhead: N messages through a no-op handler (``open_subscriber``, max_workers=64)
    against a bare ``async for msg in sub`` loop and a ``receive_batch`` loop on the same
