@@ -24,7 +24,18 @@ cancel): stop taking messages -> unsubscribe (the server sends no more to this m
 queue group) -> messages still buffered are discarded and counted as dropped -> in-flight
 handlers get the grace period -> the rest are cancelled and counted -> done. An outer cancel
 cuts the grace period to what is left of the caller's deadline (zero when already cancelled),
-but still completes every step before ``Cancelled`` propagates.
+but still completes every step before ``Cancelled`` propagates. ``timeout=None`` (on
+``stop``, ``start`` and in :class:`SubscriberConfig`) means no deadline of its own: only the
+enclosing cancel scopes bound the wait.
+
+A handler that shields itself from cancellation cannot be cancelled. A stop still returns
+at most ``_CANCEL_GRACE`` (0.25 s) after its deadline: it logs a WARNING naming the subject,
+the handler and the stuck task, and leaves that task where it is, in the subscriber's
+nursery (nothing escapes structure): it is still counted ``in_flight``, its outcome is
+counted when it ends, and ``handle.stopped`` becomes True only then. Leaving
+``open_subscriber`` cannot abandon it either: once its own grace period is over, the exit
+logs the same WARNING, then waits for the handler to end (no cancel scope can cut that
+wait short, since the handler is shielded from them all).
 """
 
 from __future__ import annotations
@@ -86,7 +97,12 @@ _DEFAULT_START_TIMEOUT = 10.0
 
 
 class _Default(enum.Enum):
+    """The default of ``handle.stop(timeout=...)``: the subscriber's ``stop_timeout``."""
+
     DEFAULT = "default"
+
+    def __repr__(self) -> str:
+        return "<the subscriber's stop_timeout>"
 
 
 _DEFAULT = _Default.DEFAULT
