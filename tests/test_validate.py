@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_check_number_values() -> None:
     assert check_number("x", None, allow_none=True) is None
     assert check_number("x", math.inf, allow_inf=True) == math.inf
     assert check_number("x", 0.5, minimum=0, exclusive_maximum=1) == 0.5
-    for kwargs, value, pattern in [
+    cases: list[tuple[dict[str, Any], float, str]] = [
         ({}, math.nan, "must be a number, got nan"),
         ({}, math.inf, "must be finite, got inf"),
         ({}, -math.inf, "must be finite"),
@@ -64,9 +65,10 @@ def test_check_number_values() -> None:
         ({"exclusive_minimum": 0}, 0, "> 0, got 0"),
         ({"maximum": 1}, 1.5, "<= 1, got 1.5"),
         ({"exclusive_maximum": 1}, 1.0, "< 1, got 1.0"),
-    ]:
+    ]
+    for kwargs, value, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
-            check_number("x", value, **kwargs)  # type: ignore[call-overload]
+            check_number("x", value, **kwargs)
 
 
 def test_check_seconds() -> None:
@@ -78,9 +80,10 @@ def test_check_seconds() -> None:
             check_seconds("t", value)
     with pytest.raises(ValueError, match=">= 0"):
         check_seconds("t", -1, allow_zero=True)
-    for value in ("1", True, None):
+    wrong_types: list[object] = ["1", True, None]
+    for wrong in wrong_types:
         with pytest.raises(TypeError, match=r"t must be a number of seconds, got"):
-            check_seconds("t", value)
+            check_seconds("t", wrong)
 
 
 def test_check_positive_keeps_its_contract() -> None:
@@ -200,7 +203,8 @@ def test_parse_servers_shapes() -> None:
     assert [str(s) for s in comma] == ["nats://a:1", "nats://b:2", "tls://***@c"]
     assert parse_servers(("a", "a")) == (parse_server_url("a"),) * 2  # the caller decides
     assert [s.url for s in parse_servers(["a", "b"])] == ["nats://a", "nats://b"]
-    for empty in ([], (), "", "a,,b"):
+    empties: list[object] = [[], (), "", "a,,b"]
+    for empty in empties:
         with pytest.raises(ValueError, match="servers"):
             parse_servers(empty)
 
