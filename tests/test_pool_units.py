@@ -1,7 +1,8 @@
-"""Unit tests of the pool's pure parts: backoff and PoolConfig validation."""
+"""Unit tests of the pool's pure parts: backoff and PoolConfig validation (no server)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -9,6 +10,7 @@ import pytest
 
 from trionats._backoff import backoff_ceiling, backoff_delay
 from trionats._config import PoolConfig
+from trionats._validate import parse_server_url
 
 
 class _Fixed(random.Random):
@@ -66,7 +68,7 @@ def test_backoff_attempt_must_be_positive() -> None:
 
 def test_pool_config_defaults() -> None:
     c = PoolConfig(servers=["nats://127.0.0.1:4222"])
-    assert c.servers == ("nats://127.0.0.1:4222",)
+    assert c.servers == (parse_server_url("nats://127.0.0.1:4222"),)
     assert c.idle_per_server == 32
     assert c.max_per_server is None
     assert c.dial_timeout == 10.0
@@ -76,11 +78,24 @@ def test_pool_config_defaults() -> None:
     assert c.backoff_max == 30.0
     assert c.leak_timeout == 300.0
     assert c.leak_action == "report"
+    assert c.close_timeout == 10.0
+    for name in ("name", "user", "password", "token", "nkeys_seed", "nkeys_seed_str"):
+        assert getattr(c, name) is None
+    assert c.user_credentials is None
+    assert c.tls is None
+    assert c.tls_hostname is None
 
 
 def test_pool_config_normalizes_servers() -> None:
-    assert PoolConfig(servers="127.0.0.1:4222").servers == ("nats://127.0.0.1:4222",)
-    assert PoolConfig(servers=("tls://a:1", "b")).servers == ("tls://a:1", "nats://b")
+    def urls(c: PoolConfig) -> list[str]:
+        return [s.url for s in c.servers]
+
+    assert urls(PoolConfig(servers="127.0.0.1:4222")) == ["nats://127.0.0.1:4222"]
+    assert urls(PoolConfig(servers=("tls://a:1", "b"))) == ["tls://a:1", "nats://b"]
+    assert urls(PoolConfig(servers="a:1, b:2")) == ["nats://a:1", "nats://b:2"]
+    same = PoolConfig(servers=["a:1"])
+    assert PoolConfig(servers=same.servers) == same
+    assert dataclasses.replace(same, idle_per_server=3).servers == same.servers
 
 
 def test_pool_config_is_frozen() -> None:
@@ -99,31 +114,93 @@ def test_pool_config_is_frozen() -> None:
         ("servers", ["nats://:4222"]),
         ("servers", [""]),
         ("servers", ["a:1", "a:1"]),
-        ("servers", [3]),
+        ("servers", ["a:1", "nats://A:1"]),
         ("idle_per_server", -1),
-        ("idle_per_server", 1.5),
-        ("idle_per_server", True),
         ("max_per_server", 0),
         ("dial_timeout", 0),
         ("dial_timeout", -1.0),
         ("dial_timeout", math.nan),
         ("dial_timeout", math.inf),
-        ("dial_timeout", "5"),
         ("max_life", 0.0),
         ("max_life_jitter", 1.0),
         ("max_life_jitter", -0.1),
+        ("max_life_jitter", math.nan),
         ("backoff_min", 0),
         ("backoff_max", -3),
         ("leak_timeout", 0),
         ("leak_action", "explode"),
         ("close_timeout", 0),
+        ("user", ""),
+        ("tls_hostname", ""),
     ],
 )
 def test_pool_config_rejects_bad_values(field: str, value: object) -> None:
     kwargs: dict[str, object] = {"servers": ["nats://127.0.0.1:4222"], field: value}
-    with pytest.raises(ValueError, match=field) as info:
+    with pytest.raises(ValueError, match=rf"PoolConfig\.{field}") as info:
         PoolConfig(**kwargs)  # type: ignore[arg-type]
     assert repr(value)[:10] in str(info.value) or field == "servers"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("servers", [3]),
+        ("servers", 3),
+        ("servers", None),
+        ("idle_per_server", 1.5),
+        ("idle_per_server", True),
+        ("idle_per_server", "4"),
+        ("max_per_server", 2.0),
+        ("dial_timeout", "5"),
+        ("dial_timeout", None),
+        ("max_life", True),
+        ("max_life_jitter", "0.1"),
+        ("leak_action", 3),
+        ("name", 5),
+        ("user", 5),
+        ("nkeys_seed", b"path"),
+        ("user_credentials", 1),
+        ("tls", "yes"),
+        ("tls_hostname", 1),
+    ],
+)
+def test_pool_config_rejects_bad_types(field: str, value: object) -> None:
+    kwargs: dict[str, object] = {"servers": ["nats://127.0.0.1:4222"], field: value}
+    with pytest.raises(TypeError, match=rf"PoolConfig\.{field}") as info:
+        PoolConfig(**kwargs)  # type: ignore[arg-type]
+    assert type(value).__name__ in str(info.value) or field == "servers"
+
+
+@pytest.mark.parametrize("field", ["password", "token", "nkeys_seed_str"])
+def test_pool_config_secret_of_the_wrong_type_is_not_echoed(field: str) -> None:
+    secret = b"hunter2-secret"
+    with pytest.raises(TypeError, match=rf"PoolConfig\.{field} must be a str or None") as info:
+        PoolConfig(servers=["a:1"], **{field: secret})  # type: ignore[arg-type]
+    assert "hunter2" not in str(info.value)
+
+
+def test_pool_config_repr_hides_secrets() -> None:
+    c = PoolConfig(
+        servers=["nats://alice:pw-in-url@a:1", "nats://tok-in-url@b:2"],
+        user="alice",
+        password="hunter2",
+        token="tok-3",
+        nkeys_seed_str="SUAseed",
+        nkeys_seed="/etc/seed.nk",
+    )
+    text = repr(c)
+    for secret in ("hunter2", "tok-3", "SUAseed", "pw-in-url", "tok-in-url"):
+        assert secret not in text
+        assert secret not in str(c)
+    assert "password='***'" in text
+    assert "token='***'" in text
+    assert "nkeys_seed_str='***'" in text
+    assert "ServerURL('nats://***@a:1')" in text
+    assert "user='alice'" in text
+    assert "nkeys_seed='/etc/seed.nk'" in text
+    assert "password=None" in repr(PoolConfig(servers=["a:1"]))
+    # the real URLs still reach the dialer
+    assert [s.url for s in c.servers] == ["nats://alice:pw-in-url@a:1", "nats://tok-in-url@b:2"]
 
 
 def test_pool_config_backoff_min_above_max() -> None:

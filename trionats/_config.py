@@ -1,62 +1,39 @@
 """Frozen, validated configuration objects.
 
-A bad value raises :class:`ValueError` on construction, naming the field and the value, so
-a typo in a config file fails at start-up rather than at the first borrow.
+A bad option fails on construction, naming the field and the value (``PoolConfig.<field>``):
+:class:`TypeError` for a wrong type, :class:`ValueError` for a wrong value, so a typo in a
+config file fails at start-up rather than at the first borrow. The checks are the shared
+ones of ``_validate``, the same as ``open_connection``'s.
+
+Secrets never show: ``repr(config)`` prints ``'***'`` for the password, the token and the
+nkeys seed, and server URLs only in their redacted form (``nats://***@host:4222``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, final
+import ssl
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Literal, final
+
+from ._validate import (
+    ServerURL,
+    check_int,
+    check_number,
+    check_seconds,
+    check_str,
+    parse_servers,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["PoolConfig"]
 
-_SCHEMES = ("nats", "tls", "ws", "wss")
-
-
-def _fail(name: str, value: object, why: str) -> ValueError:
-    return ValueError(f"PoolConfig.{name} {why}, got {value!r}")
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(name, value, "must be a number of seconds")
-    if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise _fail(name, value, "must be a finite number of seconds > 0")
-    return float(value)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, value, "must be an int")
-    if value < minimum:
-        raise _fail(name, value, f"must be >= {minimum}")
-    return value
-
-
-def _check_url(url: object) -> str:
-    if not isinstance(url, str) or not url.strip():
-        raise _fail("servers", url, "must hold non-empty URL strings")
-    url = url.strip()
-    if "://" not in url:
-        url = "nats://" + url
-    scheme, _, rest = url.partition("://")
-    host_port = rest.rsplit("@", 1)[-1].split("/", 1)[0]
-    host, sep, port = host_port.rpartition(":") if ":" in host_port else (host_port, "", "")
-    if (
-        scheme not in _SCHEMES
-        or not host
-        or any(c.isspace() for c in url)
-        or (sep and (not port.isdigit() or not 0 < int(port) < 65536))
-    ):
-        raise _fail("servers", url, "holds a malformed NATS URL")
-    return url
+_SECRETS = frozenset({"password", "token", "nkeys_seed_str"})
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, repr=False)
 class PoolConfig:
     """How a connection pool behaves. Validated on construction.
 
@@ -64,13 +41,18 @@ class PoolConfig:
 
         config = trionats.PoolConfig(
             servers=["nats://nats-a.example:4222", "nats://nats-b.example:4222"],
+            user="svc",
+            password=os.environ["NATS_PASSWORD"],
             idle_per_server=8,
             leak_timeout=60.0,
         )
 
     Attributes:
-        servers: the NATS URLs (``nats://host:port``; a bare ``host:port`` gets ``nats://``).
-            Each connection goes to one server; a str is one URL.
+        servers: the NATS servers, parsed (:class:`ServerURL`; ``str()`` of one is its
+            redacted form). Given as URLs (``nats://host:port``; a bare ``host:port`` gets
+            ``nats://``), a list of them, or one str (several separated by commas). Each
+            connection goes to one server. Credentials may sit in a URL, but the
+            ``user``/``password``/``token``/... options keep them out of URLs altogether.
         idle_per_server: idle connections kept per server (more are closed on return).
         max_per_server: cap on open connections per server (idle + borrowed + dialing), or
             None for no cap. Borrowers beyond it wait in FIFO order.
@@ -84,62 +66,136 @@ class PoolConfig:
         leak_action: "report" (log and count) or "cancel" (also cancel the holder's
             ``borrow`` block, which then raises :class:`trionats.LeaseExpiredError`).
         close_timeout: at shutdown, seconds to wait for borrowed connections to come back
-            (then their holders are cancelled and waited for as long again); also bounds
-            each connection's close.
+            (then their holders are cancelled and waited for as long again); it also bounds
+            the closing of all the pool's connections together (they close concurrently).
         name: the client name the pool's connections announce to the server.
+        user: user name for user/password authentication (with ``password``).
+        password: the password (never shown by ``repr``).
+        token: an authentication token (never shown by ``repr``).
+        nkeys_seed: path of a file holding an NKEYS seed.
+        nkeys_seed_str: the NKEYS seed itself (never shown by ``repr``).
+        user_credentials: path of a ``.creds`` file (JWT and seed).
+        tls: the :class:`ssl.SSLContext` for ``tls://`` servers (or to require TLS).
+        tls_hostname: the host name to verify the servers' certificates against.
+
+    Raises:
+        TypeError: a field has the wrong type; the message names the field.
+        ValueError: a field has a bad value; the message names the field and the value.
     """
 
-    servers: Sequence[str]
-    idle_per_server: int = 32
-    max_per_server: int | None = None
-    dial_timeout: float = 10.0
-    max_life: float = 3600.0
-    max_life_jitter: float = 0.025
-    backoff_min: float = 1.0
-    backoff_max: float = 30.0
-    leak_timeout: float = 300.0
-    leak_action: Literal["report", "cancel"] = "report"
-    close_timeout: float = 10.0
-    name: str | None = field(default=None)
+    servers: tuple[ServerURL, ...]
+    idle_per_server: int
+    max_per_server: int | None
+    dial_timeout: float
+    max_life: float
+    max_life_jitter: float
+    backoff_min: float
+    backoff_max: float
+    leak_timeout: float
+    leak_action: Literal["report", "cancel"]
+    close_timeout: float
+    name: str | None
+    user: str | None
+    password: str | None
+    token: str | None
+    nkeys_seed: str | None
+    nkeys_seed_str: str | None
+    user_credentials: str | None
+    tls: ssl.SSLContext | None
+    tls_hostname: str | None
 
-    def __post_init__(self) -> None:
-        servers: object = self.servers
-        if isinstance(servers, str):
-            servers = [servers]
-        if not isinstance(servers, Sequence) or isinstance(servers, bytes):
-            raise _fail("servers", servers, "must be a list of NATS URLs")
-        urls = tuple(_check_url(u) for u in servers)
-        if not urls:
-            raise _fail("servers", self.servers, "must not be empty")
-        if len(set(urls)) != len(urls):
-            raise _fail("servers", self.servers, "must not list a server twice")
-        object.__setattr__(self, "servers", urls)
-        _check_int("idle_per_server", self.idle_per_server, 0)
-        if self.max_per_server is not None:
-            _check_int("max_per_server", self.max_per_server, 1)
-        for name in (
-            "dial_timeout",
-            "max_life",
-            "backoff_min",
-            "backoff_max",
-            "leak_timeout",
-            "close_timeout",
-        ):
-            object.__setattr__(self, name, _check_seconds(name, getattr(self, name)))
-        jitter = self.max_life_jitter
-        if (
-            isinstance(jitter, bool)
-            or not isinstance(jitter, int | float)
-            or math.isnan(jitter)
-            or not 0 <= jitter < 1
-        ):
-            raise _fail("max_life_jitter", jitter, "must be a number in [0, 1)")
-        object.__setattr__(self, "max_life_jitter", float(jitter))
+    def __init__(
+        self,
+        servers: str | Sequence[str | ServerURL],
+        idle_per_server: int = 32,
+        max_per_server: int | None = None,
+        dial_timeout: float = 10.0,
+        max_life: float = 3600.0,
+        max_life_jitter: float = 0.025,
+        backoff_min: float = 1.0,
+        backoff_max: float = 30.0,
+        leak_timeout: float = 300.0,
+        leak_action: Literal["report", "cancel"] = "report",
+        close_timeout: float = 10.0,
+        name: str | None = None,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        nkeys_seed: str | None = None,
+        nkeys_seed_str: str | None = None,
+        user_credentials: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
+    ) -> None:
+        def put(field: str, value: object) -> None:
+            object.__setattr__(self, field, value)
+
+        urls = parse_servers(servers, "PoolConfig.servers")
+        seen: set[tuple[str, str, int]] = set()
+        for url in urls:
+            key = (url.scheme, url.host.lower(), url.port)
+            if key in seen:
+                raise ValueError(f"PoolConfig.servers must not list a server twice: {url!r}")
+            seen.add(key)
+        put("servers", urls)
+        put("idle_per_server", check_int("PoolConfig.idle_per_server", idle_per_server, minimum=0))
+        put(
+            "max_per_server",
+            check_int("PoolConfig.max_per_server", max_per_server, minimum=1, allow_none=True),
+        )
+        put("dial_timeout", check_seconds("PoolConfig.dial_timeout", dial_timeout))
+        put("max_life", check_seconds("PoolConfig.max_life", max_life))
+        put(
+            "max_life_jitter",
+            check_number(
+                "PoolConfig.max_life_jitter", max_life_jitter, minimum=0, exclusive_maximum=1
+            ),
+        )
+        put("backoff_min", check_seconds("PoolConfig.backoff_min", backoff_min))
+        put("backoff_max", check_seconds("PoolConfig.backoff_max", backoff_max))
         if self.backoff_min > self.backoff_max:
-            raise _fail(
-                "backoff_min", self.backoff_min, f"must be <= backoff_max ({self.backoff_max!r})"
+            raise ValueError(
+                f"PoolConfig.backoff_min must be <= backoff_max ({self.backoff_max!r}),"
+                f" got {self.backoff_min!r}"
             )
-        if self.leak_action not in ("report", "cancel"):
-            raise _fail("leak_action", self.leak_action, 'must be "report" or "cancel"')
-        if self.name is not None and not isinstance(self.name, str):
-            raise _fail("name", self.name, "must be a str or None")
+        put("leak_timeout", check_seconds("PoolConfig.leak_timeout", leak_timeout))
+        check_str("PoolConfig.leak_action", leak_action)
+        if leak_action not in ("report", "cancel"):
+            raise ValueError(
+                f'PoolConfig.leak_action must be "report" or "cancel", got {leak_action!r}'
+            )
+        put("leak_action", leak_action)
+        put("close_timeout", check_seconds("PoolConfig.close_timeout", close_timeout))
+        put("name", check_str("PoolConfig.name", name, allow_none=True, allow_empty=True))
+        for field, value in (
+            ("user", user),
+            ("password", password),
+            ("token", token),
+            ("nkeys_seed", nkeys_seed),
+            ("nkeys_seed_str", nkeys_seed_str),
+            ("user_credentials", user_credentials),
+            ("tls_hostname", tls_hostname),
+        ):
+            if field in _SECRETS and value is not None and not isinstance(value, str):
+                # The value itself is a secret: name its type only.
+                raise TypeError(
+                    f"PoolConfig.{field} must be a str or None, got {type(value).__name__}"
+                )
+            put(field, check_str(f"PoolConfig.{field}", value, allow_none=True))
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise TypeError(
+                f"PoolConfig.tls must be an ssl.SSLContext or None, got {type(tls).__name__}:"
+                f" {tls!r}"
+            )
+        put("tls", tls)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRETS and value is not None:
+                parts.append(f"{f.name}='***'")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"PoolConfig({', '.join(parts)})"

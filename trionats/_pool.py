@@ -19,6 +19,9 @@ Returning a connection (``__aexit__`` of ``borrow``), the choice made here:
   :class:`~trionats.NoRespondersError` (a 503 proves the connection works) and the pool's
   own :class:`~trionats.PoolTimeoutError`, :class:`~trionats.PoolClosedError`,
   :class:`~trionats.LeaseExpiredError`.
+
+Pool-facing text (stats, log records, errors) shows server URLs redacted
+(``nats://***@host:4222``): credentials only ever reach the dialer.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from ._pool_core import (
     ServerStats,
     Waiter,
 )
+from ._validate import redact
 
 if TYPE_CHECKING:
     import random
@@ -308,8 +312,10 @@ class Pool(Generic[C]):
                     now = trio.current_time()
                     delay = core.dial_failed(ticket, now)
                     self._drain()
-                    url = self._config.servers[ticket.server]
-                    log.info("dial %s failed (%r); backing off %.3f s", url, exc, delay)
+                    url = self._config.servers[ticket.server].display
+                    log.info(
+                        "dial %s failed (%s); backing off %.3f s", url, redact(repr(exc)), delay
+                    )
                     last_error = exc
                     result = core.request(now, holder, retry=True)
                     self._drain()
@@ -326,7 +332,7 @@ class Pool(Generic[C]):
         core.record_timeout()
         raise PoolTimeoutError(
             f"no connection within {timeout} s"
-            + (f" (last dial error: {last_error})" if last_error is not None else "")
+            + (f" (last dial error: {redact(str(last_error))})" if last_error is not None else "")
         ) from last_error
 
     async def _wait(self, waiter: Waiter) -> Lease[C] | DialTicket:
@@ -347,13 +353,13 @@ class Pool(Generic[C]):
         return grant
 
     async def _dial_ticket(self, ticket: DialTicket) -> C:
-        url = self._config.servers[ticket.server]
+        server = self._config.servers[ticket.server]
         with trio.move_on_after(self._config.dial_timeout) as scope:
             ticket.token = scope
-            return await self._dial(url)
+            return await self._dial(server.url)
         if self._core.closing:
             raise PoolClosedError("the pool closed while dialing")
-        raise ConnectError(f"dialing {url} took more than {self._config.dial_timeout} s")
+        raise ConnectError(f"dialing {server.display} took more than {self._config.dial_timeout} s")
 
     # -- returning ---------------------------------------------------------------------
     def _release(self, lease: Lease[C], suspect: bool) -> None:
@@ -361,7 +367,8 @@ class Pool(Generic[C]):
         if lease.leak_reported and not lease.detached:
             name, stack = _describe(lease.holder)
             log.warning(
-                "leaked connection returned after %.3f s by task %r; it was borrowed at:\n%s",
+                "leaked connection to %s returned after %.3f s by task %r; it was borrowed at:\n%s",
+                self._config.servers[lease.server].display,
                 trio.current_time() - lease.borrowed_at,
                 name,
                 stack,
@@ -395,7 +402,9 @@ class Pool(Generic[C]):
         name, stack = _describe(lease.holder)
         cancel = self._config.leak_action == "cancel"
         log.warning(
-            "connection lease held for %.3f s (leak_timeout=%s s) by task %r%s; borrowed at:\n%s",
+            "connection lease (server %s) held for %.3f s (leak_timeout=%s s) by task %r%s;"
+            " borrowed at:\n%s",
+            self._config.servers[lease.server].display,
             trio.current_time() - lease.borrowed_at,
             self._config.leak_timeout,
             name,
@@ -413,7 +422,9 @@ class Pool(Generic[C]):
                     try:
                         await conn.aclose()
                     except Exception as exc:  # pragma: no cover - aclose does not raise
-                        log.debug("closing a %s connection failed: %r", reason.value, exc)
+                        log.debug(
+                            "closing a %s connection failed: %s", reason.value, redact(repr(exc))
+                        )
 
     # -- background ----------------------------------------------------------------------
     async def _housekeeper(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -476,7 +487,9 @@ def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | No
 
 @asynccontextmanager
 async def _run_pool(
-    config: PoolConfig, dial: Callable[[str], Awaitable[C]], rng: random.Random | None
+    config: PoolConfig,
+    dial: Callable[[str], Awaitable[C]],
+    rng: random.Random | None,
 ) -> AsyncIterator[Pool[C]]:
     try:
         async with trio.open_nursery() as nursery:
@@ -563,12 +576,28 @@ async def _run_real_pool(
     from ._connect import connect
 
     async def dial(url: str) -> Connection:
-        return await connect(
-            url,
-            name=config.name,
-            connect_timeout=config.dial_timeout,
-            close_timeout=config.close_timeout,
-        )
+        try:
+            return await connect(
+                url,
+                name=config.name,
+                connect_timeout=config.dial_timeout,
+                close_timeout=config.close_timeout,
+                user=config.user,
+                password=config.password,
+                token=config.token,
+                nkeys_seed=config.nkeys_seed,
+                nkeys_seed_str=config.nkeys_seed_str,
+                user_credentials=config.user_credentials,
+                tls=config.tls,
+                tls_hostname=config.tls_hostname,
+            )
+        except ConnectError as exc:
+            message = str(exc)
+            clean = redact(message)
+            if clean == message:
+                raise
+            # The URL the dialer was given carries credentials: never let them surface.
+            raise ConnectError(clean) from exc.__cause__
 
     async with _bridge.loop_scope(), _run_pool(config, dial, rng) as pool:
         yield pool

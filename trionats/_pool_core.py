@@ -325,7 +325,7 @@ class PoolCore(Generic[C]):
         self.config = config
         self._healthy = is_healthy
         self._rng = rng if rng is not None else random.Random()
-        self._servers: list[_Server[C]] = [_Server(url) for url in config.servers]
+        self._servers: list[_Server[C]] = [_Server(url.display) for url in config.servers]
         self._idle_max = config.idle_per_server
         self._max_open = config.max_per_server if config.max_per_server is not None else -1
         self._ids = itertools.count(1)
