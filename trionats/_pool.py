@@ -416,15 +416,21 @@ class Pool(Generic[C]):
             lease.token.cancel()
 
     async def _close_conns(self, items: list[tuple[C, CloseReason]]) -> None:
-        with trio.CancelScope(shield=True):
-            for conn, reason in items:
-                with trio.move_on_after(self._config.close_timeout):
-                    try:
-                        await conn.aclose()
-                    except Exception as exc:  # pragma: no cover - aclose does not raise
-                        log.debug(
-                            "closing a %s connection failed: %s", reason.value, redact(repr(exc))
-                        )
+        """Close ``items`` concurrently, under one deadline: ``close_timeout`` in total."""
+
+        async def close_one(conn: C, reason: CloseReason) -> None:
+            try:
+                await conn.aclose()
+            except Exception as exc:  # pragma: no cover - aclose does not raise
+                log.debug("closing a %s connection failed: %s", reason.value, redact(repr(exc)))
+
+        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout):
+            if len(items) == 1:
+                await close_one(*items[0])
+                return
+            async with trio.open_nursery() as nursery:
+                for conn, reason in items:
+                    nursery.start_soon(close_one, conn, reason)
 
     # -- background ----------------------------------------------------------------------
     async def _housekeeper(self, *, task_status: trio.TaskStatus[None]) -> None:
