@@ -13,8 +13,9 @@ import trio
 import trio.testing
 
 from trionats._config import PoolConfig
+from trionats._connection import Connection
 from trionats._errors import LeaseExpiredError, PoolClosedError, PoolTimeoutError
-from trionats._pool import Pool, open_pool
+from trionats._pool import LeasedConnection, Pool, open_pool
 from trionats._server import NatsServer, free_port
 
 
@@ -29,6 +30,13 @@ async def connz(server: NatsServer) -> int:
             chunks.append(chunk)
     body = b"".join(chunks).split(b"\r\n\r\n", 1)[1]
     return int(json.loads(body)["num_connections"])
+
+
+def pooled(nc: Connection) -> Connection:
+    """The pooled connection behind a borrower's handle (each borrow gets its own handle)."""
+    assert isinstance(nc, LeasedConnection)
+    assert nc._nc is not None
+    return nc._nc
 
 
 async def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:
@@ -126,7 +134,7 @@ async def test_restart_while_idle(nats_server: NatsServer) -> None:
     config = PoolConfig(servers=[nats_server.url], idle_per_server=2)
     async with open_pool(config) as pool:
         async with pool.borrow() as a, pool.borrow() as b:
-            assert a is not b
+            assert pooled(a) is not pooled(b)
         assert pool.stats().idle == 2
         idle = pool._core.idle_connections(0)
         await nats_server.stop()
@@ -145,7 +153,8 @@ async def test_restart_while_idle(nats_server: NatsServer) -> None:
 async def test_cancel_while_waiting_leaves_no_slot(nats_server: NatsServer) -> None:
     config = PoolConfig(servers=[nats_server.url], max_per_server=1)
     async with open_pool(config) as pool:
-        async with pool.borrow() as held:
+        async with pool.borrow() as held_handle:
+            held = pooled(held_handle)
             with trio.CancelScope() as scope:
 
                 async def cancel_when_queued() -> None:
@@ -164,7 +173,7 @@ async def test_cancel_while_waiting_leaves_no_slot(nats_server: NatsServer) -> N
         # the slot is free: the next borrow gets the same connection at once
         with trio.fail_after(2):
             async with pool.borrow() as nc:
-                assert nc is held
+                assert pooled(nc) is held
         assert pool.stats().created == 1
 
 
@@ -181,10 +190,11 @@ async def test_cancel_during_dial_and_during_use(nats_server: NatsServer) -> Non
         async with pool.borrow() as nc, nc.subscribe("never.answers"):
             with trio.move_on_after(0.2) as scope:
                 async with pool.borrow() as nc2:
+                    conn2 = pooled(nc2)
                     await nc2.request("never.answers", b"?", timeout=30)
             assert scope.cancelled_caught
             async with pool.borrow() as nc3:
-                assert nc3 is nc2
+                assert pooled(nc3) is conn2
                 await nc3.flush()
         stats = pool.stats()
         assert stats.closed.unhealthy == 0
@@ -205,14 +215,21 @@ async def test_error_from_the_connection_closes_it(nats_server: NatsServer) -> N
 
         with pytest.raises(ConnectionClosedError):
             await use_closed()
-        with pytest.raises(ValueError, match="user"):
+        conns: list[Connection] = []
+
+        async def user_error() -> None:
             async with pool.borrow() as nc2:
+                conns.append(pooled(nc2))
                 raise ValueError("user error")
+
+        with pytest.raises(ValueError, match="user"):
+            await user_error()
+        conn2 = conns[0]
         stats = pool.stats()
         assert stats.closed.unhealthy == 1
         assert stats.idle == 1
         async with pool.borrow() as nc3:
-            assert nc3 is nc2
+            assert pooled(nc3) is conn2
 
 
 async def test_leak_is_reported_with_task_and_stack(

@@ -6,6 +6,7 @@ is enough and says so.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 from contextlib import asynccontextmanager
@@ -18,13 +19,18 @@ from trionats import _bridge
 from trionats._config import PoolConfig
 from trionats._connect import connect
 from trionats._connection import Connection
-from trionats._pool import open_pool
+from trionats._errors import ConnectionClosedError
+from trionats._pool import LeasedConnection, open_pool
+from trionats._subscriber import open_subscriber
 from trionats.testing import wait_for_connections
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
+    from trionats._msg import Msg
     from trionats._server import NatsServer
+
+LEASE_ENDED = r"lease has ended \(borrow block exited\)"
 
 
 def _process_state(pid: int) -> str:
@@ -104,3 +110,86 @@ async def test_closing_many_connections_to_a_frozen_server_takes_one_close_timeo
     # one after the other they took n x close_timeout; together, one close_timeout in all
     assert elapsed < close_timeout + margin, elapsed
     assert elapsed >= close_timeout * 0.9, elapsed  # the closes did hang: the test bites
+
+
+# -- a lease ends with its block --------------------------------------------------------
+
+
+def _public_names() -> list[str]:
+    return sorted(name for name in dir(Connection) if not name.startswith("_"))
+
+
+async def test_every_public_name_of_connection_is_forwarded_by_the_handle(
+    nats_server: NatsServer,
+) -> None:
+    names = _public_names()
+    assert {"publish", "request", "subscribe", "flush", "drain", "stats", "events"} <= set(names)
+    for name in names:
+        # generated on the handle's class, not merely inherited from Connection (an
+        # inherited method would run Connection's code on the empty handle)
+        assert name in vars(LeasedConnection), name
+    async with open_pool(PoolConfig(servers=[nats_server.url])) as pool:
+        async with pool.borrow(timeout=10) as nc:
+            assert isinstance(nc, Connection)
+            real = nc._nc  # type: ignore[attr-defined]
+            assert type(real) is Connection
+            for name in names:
+                mine, theirs = getattr(nc, name), getattr(real, name)
+                if inspect.ismethod(theirs):
+                    assert mine.__wrapped__ is theirs.__func__, name
+                else:
+                    assert mine == theirs, name
+            assert nc.name == real.name  # instance attributes too
+            assert "leased" in repr(nc)
+        assert repr(nc) == "<trionats.Connection lease ended>"
+        for name in names:
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):  # noqa: PT012
+                attr = getattr(nc, name)  # a property raises here,
+                attr()  # a method when called, whatever its arguments
+
+
+async def test_a_stale_handle_raises_even_while_its_connection_is_lent_again(
+    nats_server: NatsServer,
+) -> None:
+    config = PoolConfig(servers=[nats_server.url], max_per_server=1)
+    async with open_pool(config) as pool:
+        async with pool.borrow(timeout=10) as old:
+            await old.flush(timeout=5)
+        async with pool.borrow(timeout=10) as new, new.subscribe("lease.echo") as sub:
+            assert pool.stats().created == 1  # the same connection, lent again
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):
+                await old.publish("lease.echo", b"stale")
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):
+                await old.request("lease.echo", b"stale", timeout=1)
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):
+                async with old.subscribe("lease.other"):
+                    pass  # pragma: no cover
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):
+                await old.flush(timeout=1)
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):
+                old.stats()
+            with pytest.raises(ConnectionClosedError, match=LEASE_ENDED):
+                old.name = "x"
+            await new.publish("lease.echo", b"fresh")
+            with trio.fail_after(5):
+                assert (await sub.next_msg()).data == b"fresh"
+            assert new.stats().out_msgs == 1  # nothing stale went out
+            assert new.is_connected
+        stats = pool.stats()
+        assert stats.idle == 1
+        assert stats.closed.unhealthy == 0
+
+
+async def test_a_handle_is_accepted_where_a_connection_is(nats_server: NatsServer) -> None:
+    async def upper(msg: Msg) -> bytes:
+        return msg.data.upper()
+
+    async with (
+        open_pool(PoolConfig(servers=[nats_server.url])) as pool,
+        pool.borrow(timeout=10) as nc,
+    ):
+        async with open_subscriber(nc) as subscriber:
+            await subscriber.start("lease.upper", upper)
+            reply = await nc.request("lease.upper", b"abc", timeout=5)
+        assert reply.data == b"ABC"
+        assert subscriber.stats().processed == 1

@@ -20,12 +20,34 @@ Returning a connection (``__aexit__`` of ``borrow``), the choice made here:
   own :class:`~trionats.PoolTimeoutError`, :class:`~trionats.PoolClosedError`,
   :class:`~trionats.LeaseExpiredError`.
 
+Each borrower gets its own handle (:class:`LeasedConnection`), not the pooled
+:class:`~trionats.Connection` itself: the same connection goes to the next borrower, so a
+reference kept past the ``borrow`` block would otherwise silently keep working, even while
+lent to someone else. The handle is invalidated when the block exits; any use after that
+raises :class:`~trionats.ConnectionClosedError` ("this connection's lease has ended").
+
+Why a generated subclass rather than hand-written forwarders or ``__getattr__``:
+
+* it *is* a ``Connection`` (``isinstance`` holds, ``open_subscriber(handle)`` accepts it,
+  mypy types it as ``Connection`` with no cast and no stub to keep in sync);
+* its forwarders are generated at import from every function and property that
+  ``Connection`` (and its bases) defines, so a method added later is forwarded without
+  anyone remembering to (a test checks every public name);
+* a forwarder costs one slot read and one ``None`` check, then calls ``Connection``'s own
+  function on the pooled connection, so every method runs with ``self`` the real
+  connection and no state can split between handle and connection. A ``__getattr__``-only
+  proxy would cost the same per call but lose ``isinstance`` and the static types.
+
+``Connection`` is ``@final`` for users; this view is the one sanctioned subclass.
+
 Pool-facing text (stats, log records, errors) shows server URLs redacted
 (``nats://***@host:4222``): credentials only ever reach the dialer.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import sys
@@ -44,8 +66,10 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
+from ._connection import Connection
 from ._errors import (
     ConnectError,
+    ConnectionClosedError,
     LeaseExpiredError,
     NoRespondersError,
     PoolClosedError,
@@ -69,12 +93,12 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from ._config import PoolConfig
-    from ._connection import Connection
 
 __all__ = [
     "Borrow",
     "CloseReason",
     "CloseStats",
+    "LeasedConnection",
     "Pool",
     "PoolStats",
     "PooledConnection",
@@ -145,11 +169,134 @@ def _describe(holder: Any) -> tuple[str, str]:
     return task.name, stack or "  (no stack)\n"
 
 
+_LEASE_ENDED = "this connection's lease has ended (borrow block exited)"
+
+
+class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @final class
+    """A borrower's handle on a pooled :class:`~trionats.Connection`, valid for one lease.
+
+    Behaves as the connection itself (it is one, for ``isinstance`` and for mypy) until the
+    ``borrow`` block exits; from then on every method and property raises
+    :class:`~trionats.ConnectionClosedError`. Its methods are generated from
+    ``Connection``'s (see the module docs); only ``repr`` works after the lease.
+    """
+
+    __slots__ = ("_nc",)
+
+    _nc: Connection | None
+
+    def __init__(self, conn: Connection) -> None:
+        # Deliberately no Connection.__init__: the handle holds no connection state.
+        object.__setattr__(self, "_nc", conn)
+
+    def _end_lease(self) -> None:
+        object.__setattr__(self, "_nc", None)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only names the class does not define: the connection's instance attributes.
+        if name == "_nc":
+            raise AttributeError(name)
+        nc = self._nc
+        if nc is None:
+            raise ConnectionClosedError(_LEASE_ENDED)
+        return getattr(nc, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        nc = self._nc
+        if nc is None:
+            raise ConnectionClosedError(_LEASE_ENDED)
+        setattr(nc, name, value)
+
+    def __repr__(self) -> str:
+        nc = self._nc
+        if nc is None:
+            return "<trionats.Connection lease ended>"
+        return f"<leased {nc!r}>"
+
+
+_NOT_FORWARDED = frozenset(
+    {
+        "__init__",
+        "__new__",
+        "__repr__",
+        "__getattr__",
+        "__getattribute__",
+        "__setattr__",
+        "__delattr__",
+        "__init_subclass__",
+        "__class_getitem__",
+        "__subclasshook__",
+        "__dir__",
+        "__reduce__",
+        "__reduce_ex__",
+    }
+)
+
+
+def _forward_function(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def forward(self: LeasedConnection, /, *args: Any, **kwargs: Any) -> Any:
+        nc = self._nc
+        if nc is None:
+            raise ConnectionClosedError(_LEASE_ENDED)
+        return func(nc, *args, **kwargs)
+
+    return forward
+
+
+def _forward_property(prop: property) -> property:
+    fget, fset = prop.fget, prop.fset
+
+    def get(self: LeasedConnection) -> Any:
+        nc = self._nc
+        if nc is None:
+            raise ConnectionClosedError(_LEASE_ENDED)
+        assert fget is not None
+        return fget(nc)
+
+    def put(self: LeasedConnection, value: Any) -> None:
+        nc = self._nc
+        if nc is None:
+            raise ConnectionClosedError(_LEASE_ENDED)
+        assert fset is not None
+        fset(nc, value)
+
+    return property(
+        get if fget is not None else None, put if fset is not None else None, None, prop.__doc__
+    )
+
+
+def _generate_forwarders() -> None:
+    done: set[str] = set()
+    for klass in Connection.__mro__[:-1]:  # most derived first; not object
+        for name, attr in vars(klass).items():
+            if name in done or name in _NOT_FORWARDED:
+                continue
+            done.add(name)
+            if isinstance(attr, property):
+                setattr(LeasedConnection, name, _forward_property(attr))
+            elif inspect.isfunction(attr):
+                setattr(LeasedConnection, name, _forward_function(attr))
+            # static/class methods and class constants are inherited as they are
+
+
+_generate_forwarders()
+
+
 @final
 class Borrow(Generic[C]):
     """The async context manager returned by :meth:`Pool.borrow`. Single use."""
 
-    __slots__ = ("_holder", "_lease", "_long_lived", "_pool", "_scope", "_timeout", "_used")
+    __slots__ = (
+        "_handle",
+        "_holder",
+        "_lease",
+        "_long_lived",
+        "_pool",
+        "_scope",
+        "_timeout",
+        "_used",
+    )
 
     def __init__(
         self, pool: Pool[C], timeout: float | None, holder: _Holder, long_lived: bool = False
@@ -160,6 +307,7 @@ class Borrow(Generic[C]):
         self._long_lived = long_lived
         self._lease: Lease[C] | None = None
         self._scope: trio.CancelScope | None = None
+        self._handle: LeasedConnection | None = None
         self._used = False
 
     async def __aenter__(self) -> C:
@@ -177,7 +325,13 @@ class Borrow(Generic[C]):
             scope.__enter__()
             lease.token = scope
             self._scope = scope
-        return lease.conn
+        conn = lease.conn
+        wrap = pool._wrap
+        if wrap is not None:
+            handle = wrap(conn)
+            self._handle = handle
+            return handle  # type: ignore[return-value]  # C is Connection when wrapping
+        return conn
 
     async def __aexit__(
         self,
@@ -188,6 +342,10 @@ class Borrow(Generic[C]):
         lease = self._lease
         assert lease is not None
         self._lease = None
+        handle = self._handle
+        if handle is not None:
+            self._handle = None
+            handle._end_lease()
         scope = self._scope
         if scope is None:
             self._pool._release(lease, exc is not None and _is_suspect(exc))
@@ -226,9 +384,11 @@ class Pool(Generic[C]):
         dial: Callable[[str], Awaitable[C]],
         rng: random.Random | None,
         nursery: trio.Nursery,
+        wrap: Callable[[C], LeasedConnection] | None = None,
     ) -> None:
         self._config = config
         self._dial = dial
+        self._wrap = wrap
         self._core: PoolCore[C] = PoolCore(config, is_healthy=_is_healthy, rng=rng)
         self._nursery = nursery
         self._hk_scope: trio.CancelScope | None = None
@@ -264,6 +424,9 @@ class Pool(Generic[C]):
                 None to wait as long as the enclosing cancel scopes allow.
             long_lived: the block is meant to hold the connection for long (a subscriber
                 does, for its whole life): it is never reported or cancelled as a leak.
+
+        The block gets its own handle on the connection (see :class:`LeasedConnection`):
+        once the block has exited, using it raises :class:`trionats.ConnectionClosedError`.
 
         Raises:
             PoolTimeoutError: no connection within ``timeout`` (chained to the last dial
@@ -496,10 +659,11 @@ async def _run_pool(
     config: PoolConfig,
     dial: Callable[[str], Awaitable[C]],
     rng: random.Random | None,
+    wrap: Callable[[C], LeasedConnection] | None = None,
 ) -> AsyncIterator[Pool[C]]:
     try:
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, dial, rng, nursery)
+            pool = Pool(config, dial, rng, nursery, wrap)
             await nursery.start(pool._housekeeper)
             try:
                 yield pool
@@ -605,5 +769,5 @@ async def _run_real_pool(
             # The URL the dialer was given carries credentials: never let them surface.
             raise ConnectError(clean) from exc.__cause__
 
-    async with _bridge.loop_scope(), _run_pool(config, dial, rng) as pool:
+    async with _bridge.loop_scope(), _run_pool(config, dial, rng, LeasedConnection) as pool:
         yield pool
