@@ -7,6 +7,7 @@ is enough and says so.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import signal
 from contextlib import asynccontextmanager
@@ -14,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from trionats import _bridge
 from trionats._config import PoolConfig
 from trionats._connect import connect
 from trionats._connection import Connection
-from trionats._errors import ConnectionClosedError
+from trionats._errors import ConnectionClosedError, PoolTimeoutError
 from trionats._pool import LeasedConnection, open_pool
 from trionats._subscriber import open_subscriber
 from trionats.testing import wait_for_connections
@@ -193,3 +195,77 @@ async def test_a_handle_is_accepted_where_a_connection_is(nats_server: NatsServe
             reply = await nc.request("lease.upper", b"abc", timeout=5)
         assert reply.data == b"ABC"
         assert subscriber.stats().processed == 1
+
+
+# -- timeout=None: no deadline of its own (fake dial: pure pool logic, virtual time) --------
+
+
+class _FakeConn:
+    def __init__(self) -> None:
+        self.is_connected = True
+        self.is_closed = False
+        self.is_draining = False
+
+    async def aclose(self) -> None:
+        self.is_closed = True
+        await trio.lowlevel.checkpoint()
+
+
+async def _fake_dial(url: str) -> _FakeConn:
+    await trio.lowlevel.checkpoint()
+    return _FakeConn()
+
+
+async def test_borrow_timeout_none_waits_as_long_as_the_enclosing_scope(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = PoolConfig(servers=["a:1"], max_per_server=1)
+    async with open_pool(config, dial=_fake_dial) as pool, pool.borrow():
+        start = trio.current_time()
+        with trio.move_on_after(10_000) as scope:  # 1,000 x the default timeout
+            async with pool.borrow(timeout=None):
+                pytest.fail("got a second connection past max_per_server")  # pragma: no cover
+        assert scope.cancelled_caught  # cancelled by the enclosing scope, not timed out
+        assert trio.current_time() - start == pytest.approx(10_000)
+        assert pool.stats().timeouts == 0
+        assert pool.stats().waiting == 0
+        start = trio.current_time()
+        with pytest.raises(PoolTimeoutError):
+            async with pool.borrow():  # the default: 10 s
+                pass  # pragma: no cover
+        assert trio.current_time() - start == pytest.approx(10.0)
+        assert pool.stats().timeouts == 1
+
+
+async def test_borrow_timeout_is_validated_with_the_shared_rules(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_pool(PoolConfig(servers=["a:1"]), dial=_fake_dial) as pool:
+        wrong_types: list[object] = ["1", True, [1]]
+        for wrong in wrong_types:
+            with pytest.raises(TypeError, match=r"timeout must be a number of seconds or None"):
+                pool.borrow(timeout=wrong)  # type: ignore[arg-type]
+        for value in (0, -1, math.nan, math.inf):
+            with pytest.raises(ValueError, match=r"timeout must be a finite number"):
+                pool.borrow(timeout=value)
+
+
+async def test_a_pool_timeout_inside_a_block_does_not_poison_its_connection(
+    nats_server: NatsServer,
+) -> None:
+    config = PoolConfig(servers=[nats_server.url], max_per_server=1)
+    async with open_pool(config) as pool:
+
+        async def borrow_twice() -> None:
+            async with pool.borrow(timeout=10) as nc:
+                await nc.flush(timeout=5)
+                async with pool.borrow(timeout=0.05):  # the only slot is ours
+                    pass  # pragma: no cover
+
+        with pytest.raises(PoolTimeoutError) as info:
+            await borrow_twice()
+        assert isinstance(info.value, OSError)  # a builtin TimeoutError is an OSError...
+        stats = pool.stats()
+        assert stats.closed.unhealthy == 0  # ...but it says nothing about the connection
+        assert stats.idle == 1
+        assert stats.timeouts == 1

@@ -86,7 +86,7 @@ from ._pool_core import (
     ServerStats,
     Waiter,
 )
-from ._validate import redact
+from ._validate import check_seconds, redact
 
 if TYPE_CHECKING:
     import random
@@ -421,7 +421,8 @@ class Pool(Generic[C]):
 
         Args:
             timeout: seconds to wait for a connection (queueing and dialing together), or
-                None to wait as long as the enclosing cancel scopes allow.
+                None for no deadline of its own: only the enclosing cancel scopes bound the
+                wait (each dial is still bounded by ``dial_timeout``).
             long_lived: the block is meant to hold the connection for long (a subscriber
                 does, for its whole life): it is never reported or cancelled as a leak.
 
@@ -429,6 +430,8 @@ class Pool(Generic[C]):
         once the block has exited, using it raises :class:`trionats.ConnectionClosedError`.
 
         Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: ``timeout`` is not a finite number > 0.
             PoolTimeoutError: no connection within ``timeout`` (chained to the last dial
                 error, if any).
             PoolClosedError: the pool is closing, or (``leak_action="cancel"``) it closed
@@ -436,13 +439,7 @@ class Pool(Generic[C]):
             LeaseExpiredError: with ``leak_action="cancel"``, the block held the connection
                 longer than ``leak_timeout`` and was cancelled.
         """
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or math.isnan(timeout)
-            or timeout <= 0
-        ):
-            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+        timeout = check_seconds("timeout", timeout, allow_none=True)
         frame = sys._getframe(1)
         return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), long_lived)
 
