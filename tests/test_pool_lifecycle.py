@@ -269,3 +269,33 @@ async def test_a_pool_timeout_inside_a_block_does_not_poison_its_connection(
         assert stats.closed.unhealthy == 0  # ...but it says nothing about the connection
         assert stats.idle == 1
         assert stats.timeouts == 1
+
+
+# -- error groups: only our own nursery's level is unwrapped -------------------------------
+
+
+async def test_a_users_exception_group_comes_out_of_open_pool_intact(
+    nats_server: NatsServer,
+) -> None:
+    async def user_group(fake: bool) -> None:
+        if fake:
+            async with open_pool(PoolConfig(servers=["a:1"]), dial=_fake_dial):
+                raise mine
+        async with open_pool(PoolConfig(servers=[nats_server.url])):
+            raise mine
+
+    for fake in (False, True):
+        mine = ExceptionGroup("mine", [ValueError("only one")])
+        with pytest.raises(ExceptionGroup) as info:
+            await user_group(fake)
+        got = info.value
+        # trio re-derives a group that crosses a cancelled scope (a copy, same type,
+        # message and members); what matters is that none of its levels was stripped
+        assert type(got) is ExceptionGroup
+        assert got.message == "mine"
+        assert got.exceptions == mine.exceptions  # the very same ValueError
+        assert got.exceptions[0] is mine.exceptions[0]
+    # a plain exception comes out plain, not in a group our nursery made
+    with pytest.raises(KeyError):
+        async with open_pool(PoolConfig(servers=["a:1"]), dial=_fake_dial):
+            raise KeyError("plain")

@@ -75,6 +75,7 @@ from ._errors import (
     PoolClosedError,
     PoolTimeoutError,
     TrionatsError,
+    reraise_unwrapped,
 )
 from ._pool_core import (
     CloseReason,
@@ -642,15 +643,6 @@ class Pool(Generic[C]):
             self._drain()
 
 
-def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
-
-
 @asynccontextmanager
 async def _run_pool(
     config: PoolConfig,
@@ -669,11 +661,9 @@ async def _run_pool(
                     await pool._shutdown()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # Hand callers what their block raised, not a group made by our nursery.
-        leaf = _single_leaf(group)
-        if leaf is None:
-            raise
-        raise leaf from leaf.__cause__
+        # Hand callers what their block raised, not the group our one nursery made; a
+        # group the block itself raised is below that level and comes out intact.
+        reraise_unwrapped(group, levels=1)
 
 
 @overload
