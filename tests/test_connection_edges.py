@@ -19,6 +19,7 @@ from test_connection import _frozen
 import trionats
 from trionats._request import _Pending, _RequestTimer
 from trionats._subscription import YIELD_EVERY
+from trionats._validate import MAX_SUBJECT_BYTES
 
 
 def _server_with(tmp_path: Path, config: str) -> Any:
@@ -129,6 +130,32 @@ async def test_headers_and_payload_together_are_checked_against_max_payload(
         msg = await sub.next_msg()
         assert len(msg.data) == 1024 - hdr_len
         assert msg.headers == headers
+
+
+async def test_subjects_past_the_protocol_line_limit_are_refused(nats_url: str) -> None:
+    """At the limit a subject is delivered; one byte past it is a ValueError before anything
+    is sent (the server would answer -ERR and close the connection)."""
+    at_limit = "a." + "b" * (MAX_SUBJECT_BYTES - 2)
+    past = at_limit + "c"
+    multibyte = "é" * (MAX_SUBJECT_BYTES // 2 + 1)  # 2 bytes each in UTF-8
+    async with trionats.open_connection(nats_url) as nc, nc.subscribe(at_limit) as sub:
+        await nc.publish(at_limit, b"fits")
+        await nc.flush()
+        assert (await sub.next_msg()).data == b"fits"
+        for subject in (past, multibyte):
+            with pytest.raises(ValueError, match="1024-byte limit"):
+                await nc.publish(subject, b"")
+            with pytest.raises(ValueError, match="1024-byte limit"):
+                await nc.request(subject, b"", timeout=1)
+            with pytest.raises(ValueError, match="1024-byte limit"):
+                await nc.publish("ok", b"", reply=subject)
+            with pytest.raises(ValueError, match="1024-byte limit"):
+                async with nc.subscribe(subject):
+                    pass  # pragma: no cover
+        with pytest.raises(ValueError, match="1024-byte limit"):
+            async with nc.subscribe("q", queue="q" * (MAX_SUBJECT_BYTES + 1)):
+                pass  # pragma: no cover
+        assert nc.is_connected  # nothing reached the server
 
 
 @pytest.mark.parametrize(

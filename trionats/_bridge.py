@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import inspect
 import logging
 import math
 import types
@@ -66,6 +67,8 @@ __all__ = [
     "TOO_BIG",
     "YIELD_BYTES",
     "NatsClient",
+    "check_internals",
+    "connect_options",
     "current_loop",
     "encode_headers",
     "flushed",
@@ -484,6 +487,19 @@ def last_error(client: NatsClient) -> BaseException | None:
     return err if isinstance(err, BaseException) else None
 
 
+_CONNECT_PARAMETERS = frozenset(inspect.signature(NatsClient.connect).parameters)
+
+
+def connect_options(options: dict[str, Any]) -> dict[str, Any]:
+    """nats-py's connect options: ``skip_subject_validation`` only where it exists (2.16+).
+
+    nats-py 2.15 does not validate subjects client-side at all: there is nothing to skip.
+    """
+    if "skip_subject_validation" in _CONNECT_PARAMETERS:
+        return options
+    return {k: v for k, v in options.items() if k != "skip_subject_validation"}
+
+
 def install_msg_factory(client: NatsClient, factory: Callable[..., Any]) -> None:
     """Every delivered message is built by ``factory`` (nats-py's ``msg_class``)."""
     client.msg_class = factory  # type: ignore[assignment]  # called like the class
@@ -543,7 +559,7 @@ def new_client() -> NatsClient:
 
 
 # -- compatibility check --
-SUPPORTED = "nats-py>=2.16,<2.17; trio-asyncio>=0.15,<0.17; trio>=0.27"
+SUPPORTED = "nats-py>=2.15,<2.17; trio-asyncio>=0.15,<0.17; trio>=0.27"
 """The dependency range CI tests (``.ci/run``); a test keeps it equal to pyproject.toml."""
 
 _internals_checked = False
@@ -632,7 +648,7 @@ def check_internals() -> None:
             "closed_cb lame_duck_mode_cb connect_timeout allow_reconnect "
             "max_reconnect_attempts reconnect_time_wait ping_interval max_outstanding_pings "
             "no_echo pending_size inbox_prefix user password token nkeys_seed nkeys_seed_str "
-            "user_credentials tls tls_hostname skip_subject_validation",
+            "user_credentials tls tls_hostname",
         )
         # The read loop hands each message, built by msg_class, to the subscription's
         # _pending_queue.put_nowait; the flusher takes one kick per write, completes it

@@ -89,9 +89,7 @@ async def connect(
     check_publish_subject(inbox_prefix, "inbox_prefix", cache=False)
 
     bridge = _bridge()
-    check_internals = getattr(bridge, "check_internals", None)  # TODO(compat): direct call
-    if check_internals is not None:
-        check_internals()
+    bridge.check_internals()
     client = bridge.new_client()
     conn = Connection(client, name=name, close_timeout=close_timeout, servers=server_list)
     bridge.install_msg_factory(client, functools.partial(Msg, conn))
@@ -147,7 +145,7 @@ async def connect(
     try:
         try:
             with scope:
-                await bridge.run_aio(client.connect, **options)
+                await bridge.run_aio(client.connect, **bridge.connect_options(options))
         except _errors.ConnectError as exc:
             cause = errors[-1] if errors else exc.__cause__
             raise _errors.ConnectError(

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "MAX_SUBJECT_BYTES",
     "ServerURL",
     "check_bool",
     "check_data",
@@ -44,11 +45,27 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_NAMES_OK: set[str] = set()
 
 
+MAX_SUBJECT_BYTES = 1024
+"""The longest subject (UTF-8 bytes) we send.
+
+A protocol line (``PUB <subject> <reply> <size>``, ``SUB <subject> <queue> <sid>``) must
+fit the server's ``max_control_line``, 4096 bytes by default, which the client cannot
+learn from the server. A subject and a reply (or queue) of at most 1024 bytes each always
+fit the default. A server configured with a smaller limit refuses a longer line with
+``-ERR`` and closes the connection; trionats then raises the server's reason.
+"""
+
+
 def _tokens(what: str, subject: object) -> list[str]:
     if not isinstance(subject, str):
         raise TypeError(f"{what} must be a str, got {type(subject).__name__}: {subject!r}")
     if not subject:
         raise ValueError(f"{what} must not be empty")
+    if len(subject) > MAX_SUBJECT_BYTES // 4 and len(subject.encode()) > MAX_SUBJECT_BYTES:
+        raise ValueError(
+            f"{what} is {len(subject.encode())} bytes long, over the {MAX_SUBJECT_BYTES}-byte "
+            f"limit (the server's protocol line must hold it): {subject[:40]!r}..."
+        )
     if not _FORBIDDEN.isdisjoint(subject):
         raise ValueError(f"{what} must not contain whitespace or NUL: {subject!r}")
     tokens = subject.split(".")
@@ -101,6 +118,11 @@ def check_queue(queue: object) -> str | None:
     if not queue or not _FORBIDDEN.isdisjoint(queue) or "*" in queue or ">" in queue:
         raise ValueError(
             f"queue must be a non-empty name without whitespace or wildcards: {queue!r}"
+        )
+    if len(queue.encode()) > MAX_SUBJECT_BYTES:
+        raise ValueError(
+            f"queue is {len(queue.encode())} bytes long, over the {MAX_SUBJECT_BYTES}-byte "
+            f"limit: {queue[:40]!r}..."
         )
     return queue
 
