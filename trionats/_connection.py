@@ -36,7 +36,6 @@ from ._validate import (
     check_data,
     check_headers,
     check_int,
-    check_positive,
     check_publish_subject,
     check_queue,
     check_seconds,
@@ -337,7 +336,7 @@ class Connection:
         if type(data) is not bytes:
             check_data(data)
         if timeout is not None and (type(timeout) is not float or not timeout > 0):
-            check_positive("timeout", timeout)
+            check_seconds("timeout", timeout)
         if headers is not None:
             check_headers(headers)
         self._check_open()

@@ -46,6 +46,10 @@ class Msg:
     async def respond(self, data: bytes = b"", *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` to this message's reply subject.
 
+        The same contract as :meth:`Connection.publish`: a respond that raises
+        ``Cancelled`` sent nothing, one that returns has queued the reply. Allowed while
+        the connection drains, until its final flush.
+
         Raises:
             ValueError: the message has no reply subject.
         """
