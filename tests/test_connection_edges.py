@@ -111,6 +111,33 @@ async def test_publish_waiting_for_a_frozen_server_is_cancellable_and_sent_nothi
         assert got == returned
 
 
+async def test_publish_waiting_for_the_flusher_wakes_when_the_server_dies(
+    nats_server: trionats.NatsServer,
+) -> None:
+    """A publish held by backpressure on a frozen server must not hang when that server
+    is killed: nats-py's flusher forgets its queue when the connection drops."""
+    async with trionats.open_connection(
+        nats_server.url, pending_size=64 * 1024, reconnect_time_wait=60
+    ) as nc:
+        outcome: list[str] = []
+
+        async def publish_until_blocked() -> None:
+            try:
+                while True:
+                    await nc.publish("bp.dead", b"x" * 1024)
+            except trionats.ReconnectBufferFullError:
+                outcome.append("reconnect buffer full")
+
+        # Bounded: the publish gets held by backpressure, then must wake and fail.
+        with trio.fail_after(20):
+            async with _frozen(nats_server), trio.open_nursery() as nursery:
+                nursery.start_soon(publish_until_blocked)
+                while not nc._flush_waits:  # noqa: ASYNC110 - bounded polling
+                    await trio.sleep(0.01)
+                await nats_server.kill()
+        assert outcome == ["reconnect buffer full"]
+
+
 # -- No silent death ------------------------------------------------------------------------
 async def test_headers_and_payload_together_are_checked_against_max_payload(
     tmp_path: Path,

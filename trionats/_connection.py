@@ -125,6 +125,7 @@ class Connection:
         self._death_seen = False  # an operation has raised _death to the caller
         self._last_error: _errors.TrionatsError | None = None
         self._pings: set[Any] = set()  # PONG futures being waited for (failed on close)
+        self._flush_waits: set[Any] = set()  # flusher futures publishes wait for (backpressure)
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -275,8 +276,14 @@ class Connection:
         bridge = self._bridge
         while outcome == bridge.MUST_WAIT:
             # Backpressure: wait for the flusher before queueing, so a cancel here means
-            # the message was not sent.
-            await bridge.wait_future(bridge.flushed(self._client))
+            # the message was not sent. A lost or closed connection ends the wait too
+            # (nats-py's flusher forgets its queue when the connection drops).
+            future = bridge.flushed(self._client)
+            self._flush_waits.add(future)
+            try:
+                await bridge.wait_future(future)
+            finally:
+                self._flush_waits.discard(future)
             if self._closed:
                 raise self._closed_error()
             outcome = self._try_append(self._client, subject, reply, data, hdr)
@@ -560,12 +567,19 @@ class Connection:
             router.timer.close()
             router.fail_all(error)
         self._fail_pings(error)
+        self._release_flush_waits()
 
     def _fail_pings(self, error: BaseException) -> None:
         """Flushes in flight fail now rather than at their timeout: no PONG will come."""
         for future in self._pings:
             if not future.done():
                 future.set_exception(error)
+
+    def _release_flush_waits(self) -> None:
+        """Publishes waiting for the flusher retry now: it will not write (lost, closed)."""
+        for future in self._flush_waits:
+            if not future.done():
+                future.set_result(None)
 
     # -- nats-py callbacks (run on the Trio thread, inside the asyncio loop) -------------
     def _reason(self) -> _errors.TrionatsError | None:
@@ -589,6 +603,7 @@ class Connection:
         reason = self._reason() if self._client.is_closed else None
         why = "the connection was lost during the flush"
         self._fail_pings(_errors.ConnectionClosedError(f"{why}: {reason}" if reason else why))
+        self._release_flush_waits()
         if not self._closed:
             self._emit(ConnectionEvent(EventKind.DISCONNECTED))
 
