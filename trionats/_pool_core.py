@@ -73,7 +73,7 @@ class ServerStats:
     """One server's share of the pool.
 
     Attributes:
-        url: the server's URL.
+        url: the server's URL, credentials redacted (``nats://***@host:4222``).
         idle: idle connections.
         borrowed: connections lent out.
         dialing: dials in progress.
