@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -227,9 +228,28 @@ def test_parse_servers_shapes() -> None:
         ("nats://u:pa/ss@h", "nats://***@h"),
         ("ws://u:p@h/path", "ws://***@h/path"),
         ("nats://[::1]:4222 and mail me@example.org", "nats://[::1]:4222 and mail me@example.org"),
+        ("-nats://u:p@h", "-nats://***@h"),
+        ("x1tls://t@h", "x1tls://***@h"),
+        ("url=nats://u:p@h;next", "url=nats://***@h;next"),
         ("no url here, a@b", "no url here, a@b"),
         ("", ""),
     ],
 )
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+def test_redact_is_linear_on_hostile_text() -> None:
+    # A long run of letters before '://' and no '@' after it: a regex tried each letter as
+    # a scheme start (quadratic: 8,000 letters took 4 s; 100,000, minutes).
+    hostile = [
+        "@ " + "a" * 100_000 + "://" + "x" * 100_000,
+        "@ " + "a1" * 50_000 + "://" + "x" * 100_000,
+        "@" + "nats://" * 30_000,
+        ("nats://u:p@h " * 10_000),
+    ]
+    start = time.perf_counter()
+    for text in hostile[:3]:
+        assert redact(text) == text
+    assert redact(hostile[3]) == "nats://***@h " * 10_000
+    assert time.perf_counter() - start < 1.0  # linear: a few ms here

@@ -358,10 +358,12 @@ def check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "ws": 80, "wss": 443}
 
-# ``scheme://userinfo@``: the userinfo runs up to the last '@' before a whitespace or the
-# next ``://`` (so several URLs in one string are each scrubbed, and a password holding a
-# raw '@', '/' or ':' is scrubbed whole). Scrubbing too much is harmless; too little leaks.
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)(?:(?!://)\S)*@")
+# After each ``://``, the userinfo runs up to the last '@' before a whitespace or the next
+# ``://`` (so several URLs in one string are each scrubbed, and a password holding a raw
+# '@', '/' or ':' is scrubbed whole). Scrubbing too much is harmless; too little leaks.
+# A plain scan, linear in the text: a regex for this backtracks quadratically on hostile
+# input (a long run of letters before '://').
+_WHITESPACE = re.compile(r"\s")
 _REDACTED = "***"
 
 
@@ -379,7 +381,24 @@ def redact(text: str) -> str:
     """
     if "@" not in text:
         return text
-    return _USERINFO.sub(lambda m: m.group(1) + _REDACTED + "@", text)
+    sep = text.find("://")
+    if sep == -1:
+        return text
+    parts: list[str] = []
+    done = 0
+    while sep != -1:
+        start = sep + 3
+        following = text.find("://", start)
+        limit = len(text) if following == -1 else following
+        space = _WHITESPACE.search(text, start, limit)
+        at = text.rfind("@", start, limit if space is None else space.start())
+        if at != -1:
+            parts.append(text[done:start])
+            parts.append(_REDACTED)
+            done = at
+        sep = following
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 @final
