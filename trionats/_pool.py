@@ -718,8 +718,11 @@ def open_pool(
     are cancelled and, with ``leak_action="cancel"``, so are the holders' ``borrow`` blocks
     (they raise :class:`PoolClosedError`), waited for as long again; finally whatever is
     still borrowed is closed under its holder (its next operation raises
-    :class:`trionats.ConnectionClosedError`). Nothing outlives the block, even when it is
-    cancelled.
+    :class:`trionats.ConnectionClosedError`). Connections close concurrently, all of them
+    within one ``close_timeout``. Nothing outlives the block, even when it is cancelled.
+
+    An exception the block raises comes out as it was raised (a group the block raised
+    keeps its levels: only the one the pool's own nursery adds is removed).
 
     Why only with ``leak_action="cancel"``: cancelling a holder needs a cancel scope around
     every ``borrow`` block, which is about 40 % of the cost of an idle-hit borrow; a pool
@@ -735,11 +738,13 @@ def open_pool(
 
     Args:
         config: the pool's configuration.
-        dial: ``async def dial(url) -> connection``; default: :func:`trionats.connect`
-            with ``name``, ``dial_timeout`` and ``close_timeout`` from ``config``, on a
-            trio-asyncio loop this block opens when none is running. Tests pass fakes
-            (no asyncio needed); the result must have ``is_connected``, ``is_closed``,
-            ``is_draining`` and ``aclose()``.
+        dial: ``async def dial(url) -> connection``, given the server's real URL
+            (credentials included). Default: a :class:`trionats.Connection` opened with
+            ``config``'s ``name``, ``dial_timeout``, ``close_timeout`` and authentication
+            and TLS options, on a trio-asyncio loop this block opens when none is running;
+            each borrower then gets its own handle on it (see :meth:`Pool.borrow`). Tests
+            pass fakes (no asyncio needed; borrowers get the fake itself); the result must
+            have ``is_connected``, ``is_closed``, ``is_draining`` and ``aclose()``.
         rng: the random source for server choice and jitter (for reproducible tests).
     """
     if dial is not None:
