@@ -46,6 +46,7 @@ from ._subscriber import SubscriberStats as SubscriberStats
 from ._subscriber import SubscriptionHandle as SubscriptionHandle
 from ._subscriber import open_subscriber as open_subscriber
 from ._subscription import Subscription as Subscription
+from ._validate import ServerURL as ServerURL
 
 __version__ = "0.1.0.dev0"
 
@@ -72,6 +73,7 @@ __all__ = [
     "ReconnectBufferFullError",
     "ServerNotFoundError",
     "ServerStats",
+    "ServerURL",
     "Subscriber",
     "SubscriberConfig",
     "SubscriberStats",

@@ -278,7 +278,13 @@ async def force_close(client: NatsClient, timeout: float) -> None:
                 log.debug("close failed: %r", exc)
         transport = getattr(client, "_transport", None)
         if transport is not None:
+            # Abort, not close: a close waits to write what is buffered, and a frozen
+            # peer never reads it, so the socket would outlive the loop.
+            writer = getattr(transport, "_io_writer", None)
+            raw = getattr(writer, "transport", None)
             with contextlib.suppress(Exception):
+                if raw is not None:
+                    raw.abort()  # a no-op on a transport already closed
                 transport.close()
         for name in ("_reading_task", "_flusher_task", "_ping_interval_task", "_reconnection_task"):
             task = getattr(client, name, None)
@@ -377,6 +383,24 @@ def encode_headers(headers: dict[str, str]) -> bytes:
     return b"".join(parts)
 
 
+def _repair_write_pause(client: NatsClient) -> None:
+    """Pause the socket's protocol when its write buffer is past the high-water mark.
+
+    nats-py's flusher writes with ``writelines`` and then awaits ``drain()``, which
+    blocks only while the protocol is paused. On some CPython versions (seen on 3.12.1
+    and 3.13.0) the selector transport's ``writelines`` never pauses it, so ``drain()``
+    never blocks and a frozen server let the transport's buffer grow without bound
+    (146 MB in 2 s in our test). ``_maybe_pause_protocol`` is what ``write`` calls; where
+    ``writelines`` already paused the protocol it does nothing.
+    """
+    writer = getattr(client._transport, "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    pause = getattr(transport, "_maybe_pause_protocol", None)
+    if pause is not None:
+        with contextlib.suppress(Exception):
+            pause()
+
+
 def flushed(client: NatsClient) -> asyncio.Future[Any]:
     """A future that completes once the flusher has written the buffer out (a kick).
 
@@ -389,6 +413,7 @@ def flushed(client: NatsClient) -> asyncio.Future[Any]:
     if client._status != _CONNECTED or queue is None:
         future.set_result(None)
         return future
+    _repair_write_pause(client)
     try:
         queue.put_nowait(future)
     except asyncio.QueueFull:  # pragma: no cover - 1024 kicks queued: finish in asyncio

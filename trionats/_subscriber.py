@@ -772,6 +772,10 @@ class Subscriber:
         self._slot_freed = ParkingLot()
         self._active: dict[SubscriptionHandle, None] = {}  # insertion-ordered set
         self._closing = False
+        # Once open_subscriber has exited, the connection may be gone (a pooled
+        # connection's lease ended with the block): stats() reports this snapshot.
+        self._ended = False
+        self._final_error: str | None = None
 
     @property
     def config(self) -> SubscriberConfig:
@@ -866,6 +870,8 @@ class Subscriber:
         return self._core.stats(self._connection_error())
 
     def _connection_error(self) -> str | None:
+        if self._ended:
+            return self._final_error
         error = self._conn.last_error
         return None if error is None else redact(str(error) or type(error).__name__)
 
@@ -973,6 +979,8 @@ async def _open_subscriber(conn: Connection, config: SubscriberConfig) -> AsyncI
                 yield subscriber
             finally:
                 await subscriber._stop_all(config.stop_timeout)
+                subscriber._final_error = subscriber._connection_error()
+                subscriber._ended = True
     except BaseExceptionGroup as group:
         # Only the level our nursery added: a group the block raised comes out intact.
         _errors.reraise_unwrapped(group, 1)
