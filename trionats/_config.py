@@ -11,12 +11,13 @@ nkeys seed, and server URLs only in their redacted form (``nats://***@host:4222`
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal, final
 
 from ._validate import (
+    SECRET_OPTIONS,
     ServerURL,
+    check_auth_options,
     check_int,
     check_number,
     check_seconds,
@@ -25,11 +26,12 @@ from ._validate import (
 )
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Sequence
 
 __all__ = ["PoolConfig"]
 
-_SECRETS = frozenset({"password", "token", "nkeys_seed_str"})
+_SECRETS = SECRET_OPTIONS
 
 
 @final
@@ -168,27 +170,19 @@ class PoolConfig:
         put("leak_action", leak_action)
         put("close_timeout", check_seconds("PoolConfig.close_timeout", close_timeout))
         put("name", check_str("PoolConfig.name", name, allow_none=True, allow_empty=True))
-        for field, value in (
-            ("user", user),
-            ("password", password),
-            ("token", token),
-            ("nkeys_seed", nkeys_seed),
-            ("nkeys_seed_str", nkeys_seed_str),
-            ("user_credentials", user_credentials),
-            ("tls_hostname", tls_hostname),
-        ):
-            if field in _SECRETS and value is not None and not isinstance(value, str):
-                # The value itself is a secret: name its type only.
-                raise TypeError(
-                    f"PoolConfig.{field} must be a str or None, got {type(value).__name__}"
-                )
-            put(field, check_str(f"PoolConfig.{field}", value, allow_none=True))
-        if tls is not None and not isinstance(tls, ssl.SSLContext):
-            raise TypeError(
-                f"PoolConfig.tls must be an ssl.SSLContext or None, got {type(tls).__name__}:"
-                f" {tls!r}"
-            )
-        put("tls", tls)
+        auth: dict[str, object] = {
+            "user": user,
+            "password": password,
+            "token": token,
+            "nkeys_seed": nkeys_seed,
+            "nkeys_seed_str": nkeys_seed_str,
+            "user_credentials": user_credentials,
+            "tls_hostname": tls_hostname,
+            "tls": tls,
+        }
+        check_auth_options("PoolConfig.", auth)
+        for field, value in auth.items():
+            put(field, value)
 
     def __repr__(self) -> str:
         parts = []

@@ -13,6 +13,7 @@ from . import _errors
 from ._connection import Connection, _bridge
 from ._msg import Msg
 from ._validate import (
+    check_auth_options,
     check_bool,
     check_int,
     check_publish_subject,
@@ -67,20 +68,19 @@ async def connect(
     check_seconds("reconnect_time_wait", reconnect_time_wait, allow_zero=True)
     check_seconds("ping_interval", ping_interval)
     check_str("name", name, allow_none=True)
-    for field, value in (
-        ("user", user),
-        ("password", password),
-        ("token", token),
-        ("nkeys_seed", nkeys_seed),
-        ("nkeys_seed_str", nkeys_seed_str),
-        ("user_credentials", user_credentials),
-        ("tls_hostname", tls_hostname),
-    ):
-        if value is not None and not isinstance(value, str):
-            # Never echo the value: it may be a secret.
-            raise TypeError(f"{field} must be a str or None, got {type(value).__name__}")
-    if tls is not None and not isinstance(tls, ssl.SSLContext):
-        raise TypeError(f"tls must be an ssl.SSLContext or None, got {type(tls).__name__}")
+    check_auth_options(
+        "",
+        {
+            "user": user,
+            "password": password,
+            "token": token,
+            "nkeys_seed": nkeys_seed,
+            "nkeys_seed_str": nkeys_seed_str,
+            "user_credentials": user_credentials,
+            "tls_hostname": tls_hostname,
+            "tls": tls,
+        },
+    )
     check_bool("allow_reconnect", allow_reconnect)
     check_bool("no_echo", no_echo)
     check_int("max_reconnect_attempts", max_reconnect_attempts, minimum=-1)

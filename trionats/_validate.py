@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SUBJECT_BYTES",
+    "SECRET_OPTIONS",
     "ServerURL",
+    "check_auth_options",
     "check_bool",
     "check_data",
     "check_headers",
@@ -302,6 +304,37 @@ def check_seconds(
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
     return number
+
+
+SECRET_OPTIONS = frozenset({"password", "token", "nkeys_seed_str"})
+"""Options whose value is a secret: never echoed in a message or a repr."""
+
+
+def check_auth_options(prefix: str, options: dict[str, object]) -> None:
+    """The auth and TLS options of a connection (``open_connection``, ``PoolConfig``).
+
+    ``options`` maps ``user``, ``password``, ``token``, ``nkeys_seed``,
+    ``nkeys_seed_str``, ``user_credentials``, ``tls_hostname`` (each a str or None) and
+    ``tls`` (an ``ssl.SSLContext`` or None). Messages name ``prefix + field``; a secret's
+    value is never shown, only its type.
+
+    Raises:
+        TypeError: a wrong type.
+        ValueError: an empty string.
+    """
+    import ssl  # only here: most callers never pass TLS options
+
+    for field, value in options.items():
+        name = prefix + field
+        if field == "tls":
+            if value is not None and not isinstance(value, ssl.SSLContext):
+                raise TypeError(
+                    f"{name} must be an ssl.SSLContext or None, got {type(value).__name__}"
+                )
+        elif field in SECRET_OPTIONS and value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
+        else:
+            check_str(name, value, allow_none=True)
 
 
 def check_bool(name: str, value: object) -> bool:
