@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
 __all__ = [
+    "NatsCluster",
     "NatsServer",
     "find_nats_server",
     "monitor_json",
@@ -285,6 +286,7 @@ class NatsServer:
         self.extra_args = list(args)
         self._dir = tempfile.mkdtemp(prefix="trionats-server-")
         self._process: _ServerProcess | trio.Process | None = None
+        self._frozen = False
         self._log_path = Path(self._dir) / "server.log"
 
     @property
@@ -302,6 +304,42 @@ class NatsServer:
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    @property
+    def is_frozen(self) -> bool:
+        """True between :meth:`freeze` and :meth:`thaw` (or a stop/kill/restart)."""
+        return self._frozen and self.is_running
+
+    def freeze(self) -> None:
+        """Suspend the process (SIGSTOP): it keeps its sockets open and answers nothing.
+
+        The kernel still accepts TCP connections into the listen backlog and buffers what
+        clients send, so a client sees a silent server, not a closed one: what a hung
+        server or a dead network path looks like. :meth:`thaw` resumes it; :meth:`stop`,
+        :meth:`kill` and leaving the block thaw it first.
+
+        Raises:
+            TrionatsError: the server is not running.
+        """
+        if self._process is None or self._process.returncode is not None:
+            raise TrionatsError(f"nats-server on port {self.port} is not running")
+        self._process.send_signal(signal.SIGSTOP)
+        self._frozen = True
+
+    def thaw(self) -> None:
+        """Resume a server suspended by :meth:`freeze` (SIGCONT); nothing if not frozen."""
+        if self._frozen and self._process is not None and self._process.returncode is None:
+            self._process.send_signal(signal.SIGCONT)
+        self._frozen = False
+
+    async def restart(self, *, kill: bool = False) -> None:
+        """Stop (or with ``kill=True`` kill) the server, then start it on the same port."""
+        check_bool("kill", kill)
+        if kill:
+            await self.kill()
+        else:
+            await self.stop()
+        await self.start()
 
     def log(self) -> str:
         """The server's log so far (for error messages and debugging)."""
@@ -371,6 +409,7 @@ class NatsServer:
         process = self._process
         if process is None:
             return
+        self.thaw()
         with trio.CancelScope(shield=True):
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
@@ -387,6 +426,7 @@ class NatsServer:
         process = self._process
         if process is None:
             return
+        self._frozen = False  # SIGKILL ends a stopped process too
         with trio.CancelScope(shield=True):
             if process.returncode is None:
                 process.kill()
@@ -428,10 +468,58 @@ async def open_nats_server(
         server.cleanup()
 
 
+@final
+class NatsCluster(list[NatsServer]):
+    """The nodes of a local cluster (a list of :class:`NatsServer`), controllable by index.
+
+    ``cluster[i]`` is node ``i``; ``await cluster.stop(i)``, ``await cluster.kill(i)``,
+    ``cluster.freeze(i)``, ``cluster.thaw(i)``, ``await cluster.restart(i)`` act on it,
+    and ``cluster.urls`` lists the client URLs.
+    """
+
+    @property
+    def urls(self) -> list[str]:
+        """The client URLs of the nodes, in index order."""
+        return [server.url for server in self]
+
+    async def stop(self, index: int) -> None:
+        """Stop node ``index`` (SIGTERM, then SIGKILL)."""
+        await self[index].stop()
+
+    async def kill(self, index: int) -> None:
+        """Kill node ``index`` (SIGKILL)."""
+        await self[index].kill()
+
+    def freeze(self, index: int) -> None:
+        """Suspend node ``index`` (SIGSTOP)."""
+        self[index].freeze()
+
+    def thaw(self, index: int) -> None:
+        """Resume node ``index`` (SIGCONT)."""
+        self[index].thaw()
+
+    async def start(self, index: int) -> None:
+        """Start node ``index`` again on its ports (it rejoins the cluster)."""
+        await self[index].start()
+
+    async def restart(self, index: int, *, kill: bool = False) -> None:
+        """Stop (or kill) node ``index`` and start it again on its ports."""
+        await self[index].restart(kill=kill)
+
+    def index_of(self, url: str | None) -> int | None:
+        """The index of the node whose client port ``url`` names, or None."""
+        if url is None:
+            return None
+        for i, server in enumerate(self):
+            if url.rstrip("/").endswith(f":{server.port}"):
+                return i
+        return None
+
+
 @asynccontextmanager
 async def open_nats_cluster(
     size: int = 3, *, jetstream: bool = False, monitor: bool = False
-) -> AsyncIterator[list[NatsServer]]:
+) -> AsyncIterator[NatsCluster]:
     """Run an N-node nats-server cluster on 127.0.0.1 (every node routes to every other).
 
     Every node is stopped when the block exits, and dies with this process like the
@@ -442,7 +530,7 @@ async def open_nats_cluster(
     check_bool("monitor", monitor)
     cluster_ports = [free_port() for _ in range(size)]
     routes = ",".join(f"nats://{_HOST}:{p}" for p in cluster_ports)
-    servers = [
+    servers = NatsCluster(
         NatsServer(
             jetstream=jetstream,
             monitor=monitor,
@@ -458,7 +546,7 @@ async def open_nats_cluster(
             ],
         )
         for i, cport in enumerate(cluster_ports)
-    ]
+    )
     try:
         for server in servers:
             await server.start()
