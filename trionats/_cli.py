@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -240,18 +241,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if "raw_p99_ms" in row:  # trionats / raw
             p50 = f"{row['trionats_p50_ms']:.2f} / {row['raw_p50_ms']:.2f}"
             p99 = f"{row['trionats_p99_ms']:.2f} / {row['raw_p99_ms']:.2f}"
+        ratio = f"{row['ratio']:.2f}x"
+        spread = f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}"
+        if scenario == "pool":  # unlike work on each side: no ratio (see the caption)
+            scenario, ratio, spread = "pool (*)", "-", "-"
         cells = [
             scenario,
             f"{row['raw_rate']:,.0f}/s",
             f"{row['trionats_rate']:,.0f}/s",
-            f"{row['ratio']:.2f}x",
-            f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}",
+            ratio,
+            spread,
             p50,
             p99,
         ]
         if args.with_c:
             cells.append(f"{row['c_rate']:,.0f}/s" if "c_rate" in row else "-")
         table.add_row(*cells)
+    if "pool" in report["summary"]:
+        table.caption = _POOL_CAPTION
     out = Console()
     out.width = max(out.width, 110)
     out.print(table)
@@ -262,8 +269,40 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+_POOL_CAPTION = (
+    "(*) pool: not the same work on both sides, so no ratio. trionats: 100 concurrent "
+    "borrow + publish + return on a pool (each publish flushed on its own connection); "
+    "raw: 100 asyncio tasks sharing one nats-py connection (nats-py has no pool), which "
+    "batches thousands of publishes per write. Use a pool for isolation and failover; "
+    "keep a hot publish loop on one borrowed connection."
+)
+
+
+def _check_writable(path: str) -> None:
+    """Fail before a long run when ``path`` cannot be written (``--json``).
+
+    Opens it for appending (which creates nothing but the file itself) and removes it
+    again if it did not exist; raises ``OSError`` with the system's reason.
+    """
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise OSError(
+            f"cannot write --json {path}: {exc.strerror or exc} (pick a file in a directory "
+            "that exists and that you can write to)"
+        ) from None
+    if not existed:
+        os.unlink(path)
+
+
 async def serve(port: int | None, jetstream: bool, cluster: int) -> None:
-    """Run the embedded server (or an N-node cluster) until cancelled (Ctrl-C)."""
+    """Run the embedded server (or an N-node cluster) until cancelled (Ctrl-C).
+
+    ``port`` None or 0: a free port, picked for the server; the printed URL is the real one.
+    """
+    port = port or None
     if cluster > 1:
         async with open_nats_cluster(cluster, jetstream=jetstream) as servers:
             for server in servers:
@@ -275,13 +314,33 @@ async def serve(port: int | None, jetstream: bool, cluster: int) -> None:
         await trio.sleep_forever()
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trionats", description="Trio-native NATS client")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p_demo = commands.add_parser("demo", help="a guided run against an embedded nats-server")
-    p_demo.add_argument("--messages", type=int, default=1000)
-    p_demo.add_argument("--requests", type=int, default=100)
-    p_bench = commands.add_parser("bench", help="trionats vs raw nats-py, side by side")
+class _HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default: " in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``trionats`` parser and its subcommands' parsers, by name."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="trionats", description="Trio-native NATS client", formatter_class=_HELP
+    )
+    parser.add_argument("--version", action="version", version=f"trionats {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_demo = commands.add_parser(
+        "demo", help="a guided run against an embedded nats-server", formatter_class=_HELP
+    )
+    p_demo.add_argument("--messages", type=int, default=1000, help="orders to publish")
+    p_demo.add_argument("--requests", type=int, default=100, help="concurrent requests")
+    p_bench = commands.add_parser(
+        "bench", help="trionats vs raw nats-py, side by side", formatter_class=_HELP
+    )
     p_bench.add_argument(
         "--scenario",
         action="append",
@@ -291,46 +350,141 @@ def _parser() -> argparse.ArgumentParser:
     size_group = p_bench.add_mutually_exclusive_group()
     size_group.add_argument("--count", type=int, default=100_000, help="messages per run")
     size_group.add_argument(
-        "--duration", type=float, default=None, help="seconds per run (calibrated), not --count"
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds per run (calibrated), instead of --count (default: off)",
     )
-    p_bench.add_argument("--reps", type=int, default=3)
+    p_bench.add_argument("--reps", type=int, default=3, help="repetitions (the median is shown)")
     size_group.add_argument("--quick", action="store_true", help="2000 messages, 1 repetition")
     p_bench.add_argument("--size", type=int, default=128, help="payload bytes")
     p_bench.add_argument("--concurrency", type=int, default=100, help="concurrent requesters")
-    p_bench.add_argument("--url", default=None, help="use this server, not an embedded one")
-    p_bench.add_argument("--json", default=None, metavar="FILE")
+    p_bench.add_argument(
+        "--url", default=None, help="use the server at this URL (default: an embedded one)"
+    )
+    p_bench.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write every figure and the machine facts to FILE, checked before the run "
+        "(default: none)",
+    )
     p_bench.add_argument(
         "--with-c", action="store_true", help="add the C client libnats as the ceiling"
     )
     p_bench.add_argument(
         "--verbose", action="store_true", help="name each child process (and its pid) it starts"
     )
-    p_server = commands.add_parser("server", help="run the embedded nats-server until Ctrl-C")
-    p_server.add_argument("--port", type=int, default=None)
-    p_server.add_argument("--jetstream", action="store_true")
-    p_server.add_argument("--cluster", type=int, default=1, metavar="N")
-    return parser
+    p_server = commands.add_parser(
+        "server", help="run the embedded nats-server until Ctrl-C", formatter_class=_HELP
+    )
+    p_server.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="client port; 0: a free port, picked for you (the URL printed is the real one)",
+    )
+    p_server.add_argument("--jetstream", action="store_true", help="enable JetStream")
+    p_server.add_argument(
+        "--cluster", type=int, default=1, metavar="N", help="run an N-node local cluster"
+    )
+    return parser, {"demo": p_demo, "bench": p_bench, "server": p_server}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _parser() -> argparse.ArgumentParser:
+    """The ``trionats`` argument parser."""
+    return _parsers()[0]
+
+
+def _check_args(args: argparse.Namespace, command: argparse.ArgumentParser) -> None:
+    """Values argparse cannot check by type: a usage error (exit 2) with the command's usage."""
     duration = getattr(args, "duration", None)
     if duration is not None and not duration > 0:
-        _parser().error(f"--duration must be > 0, got {duration}")
+        command.error(f"--duration must be > 0, got {duration}")
     for name in ("messages", "requests", "cluster", "count", "reps", "concurrency"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            _parser().error(f"--{name} must be >= 1, got {value}")
+            command.error(f"--{name} must be >= 1, got {value}")
+    size = getattr(args, "size", None)
+    if size is not None and size < 0:
+        command.error(f"--size must be >= 0, got {size}")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        command.error(f"--port must be in 0..65535 (0: a free port), got {port}")
     if getattr(args, "url", None) is not None:
         from ._validate import parse_server_url
 
         try:
             parse_server_url(args.url, "--url")
         except ValueError as exc:
-            _parser().error(str(exc))
+            command.error(str(exc))
+
+
+def _hint(exc: BaseException) -> str:
+    """What to do about an expected error, or ''."""
+    from ._errors import ServerNotFoundError
+
+    if isinstance(exc, ServerNotFoundError):
+        if "TRIONATS_NATS_SERVER" in str(exc):
+            return (
+                " (point TRIONATS_NATS_SERVER at a nats-server binary, or unset it to use "
+                "the one installed with trionats[server])"
+            )
+        return ""  # its message already says how to install one
+    if isinstance(exc, ValueError):
+        return " (see --help)"
+    return ""
+
+
+def _expected_errors(exc: BaseException) -> list[Exception] | None:
+    """The leaves of ``exc`` when every one is an expected error, else None.
+
+    Expected: ``TrionatsError`` (a missing nats-server, a benchmark that could not run...),
+    ``ValueError`` and ``OSError``. Anything else is a bug and keeps its traceback.
+    """
+    from ._errors import TrionatsError
+
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[Exception] = []
+        for member in exc.exceptions:
+            found = _expected_errors(member)
+            if found is None:
+                return None
+            leaves.extend(found)
+        return leaves
+    if isinstance(exc, TrionatsError | ValueError | OSError):
+        return [exc]
+    return None
+
+
+def _one_line(exc: Exception) -> str:
+    """The error's message on one line: its first line and, when there are more (a
+    server's log), the last one, which says why. A benchmark child's error is kept whole:
+    it is that child's own stderr."""
     from ._bench import BenchError
 
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, BenchError):
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``trionats`` command line; returns the exit status.
+
+    0 on success, 1 for an expected error (one line on stderr: what went wrong and what to
+    do, never a traceback), 2 for a usage error (raised as ``SystemExit`` by argparse, with
+    the subcommand's usage), 130 or 143 when stopped by Ctrl-C or SIGTERM.
+    """
+    parser, commands = _parsers()
+    args = parser.parse_args(argv)
+    command = commands[args.command]
+    _check_args(args, command)
+    prefix = f"trionats {args.command}"
     try:
+        if args.command == "bench" and args.json:
+            _check_writable(args.json)
         if args.command == "demo":
             stopped_by = _run_until_signal(demo, args.messages, args.requests)
         elif args.command == "bench":
@@ -339,8 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stopped_by = _run_until_signal(serve, args.port, args.jetstream, args.cluster)
     except KeyboardInterrupt:  # a Ctrl-C outside the signal watch (start-up, a second one)
         stopped_by = signal.SIGINT
-    except BenchError as exc:
-        print(f"trionats bench: {exc}", file=sys.stderr, flush=True)
+    except BaseException as exc:
+        errors = _expected_errors(exc)
+        if errors is None:
+            raise
+        for error in errors:
+            print(f"{prefix}: {_one_line(error)}{_hint(error)}", file=sys.stderr, flush=True)
         return 1
     if stopped_by is None:
         return 0
