@@ -20,9 +20,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
 
 import trio
 from trio.lowlevel import Abort, checkpoint_if_cancelled, current_task
@@ -45,6 +45,7 @@ from ._validate import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from types import TracebackType
 
     from ._bridge import NatsClient
     from ._msg import Msg
@@ -88,6 +89,38 @@ class ConnectionStats:
     reconnects: int
     dropped: int
     events_dropped: int
+
+
+_T = TypeVar("_T")
+
+
+@final
+class _AsyncWithOnly(AbstractAsyncContextManager[_T]):
+    """An ``async with`` block whose ``await`` is a ``TypeError`` saying what to write.
+
+    People arrive with nats-py's habits (``await nc.subscribe(...)``); Python's own error
+    for awaiting a context manager does not say what to do instead.
+    """
+
+    __slots__ = ("_cm", "_hint")
+
+    def __init__(self, cm: AbstractAsyncContextManager[_T], hint: str) -> None:
+        self._cm = cm
+        self._hint = hint
+
+    async def __aenter__(self) -> _T:
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    def __await__(self) -> NoReturn:
+        raise TypeError(self._hint)
 
 
 @final
@@ -389,8 +422,7 @@ class Connection:
         return msg
 
     # -- subscribe ---------------------------------------------------------------------
-    @asynccontextmanager
-    async def subscribe(
+    def subscribe(
         self,
         subject: str,
         *,
@@ -398,7 +430,8 @@ class Connection:
         max_pending_msgs: int = DEFAULT_PENDING_MSGS,
         max_pending_bytes: int = DEFAULT_PENDING_BYTES,
         timeout: float | None = 10.0,
-    ) -> AsyncIterator[Subscription]:
+        cb: None = None,
+    ) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe to ``subject`` (wildcards allowed) for the duration of the block.
 
         The subscription is registered on the server when the block is entered (a message
@@ -417,12 +450,40 @@ class Connection:
             max_pending_msgs: messages buffered before new ones are dropped (counted).
             max_pending_bytes: payload bytes buffered before new messages are dropped.
             timeout: seconds to wait for the registration; None: no deadline of its own.
+            cb: not supported (nats-py's callback style): a ``TypeError`` that points at
+                :func:`trionats.open_subscriber`, which runs a handler per message.
+
+        ``await nc.subscribe(...)`` (nats-py's habit) is a ``TypeError`` saying to write
+        ``async with nc.subscribe(...) as sub:``.
 
         Raises:
             ValueError / TypeError: bad subject, queue, limits or timeout.
             trionats.TimeoutError: the server did not confirm within ``timeout``.
             trionats.ConnectionClosedError: the connection is closed or draining.
         """
+        if cb is not None:
+            raise TypeError(
+                f"subscribe({subject!r}, cb={cb!r}): trionats has no callback subscriptions; "
+                "to run a handler per message use trionats.open_subscriber(nc) and "
+                f"`await subscriber.start({subject!r}, handler)`, or iterate: "
+                f"`async with nc.subscribe({subject!r}) as sub: async for msg in sub: ...`"
+            )
+        return _AsyncWithOnly(
+            self._subscribe(subject, queue, max_pending_msgs, max_pending_bytes, timeout),
+            f"nc.subscribe({subject!r}) is not awaitable: it is an async context manager "
+            f"(not nats-py's `await nc.subscribe(...)`); write "
+            f"`async with nc.subscribe({subject!r}) as sub:` and then `async for msg in sub:`",
+        )
+
+    @asynccontextmanager
+    async def _subscribe(
+        self,
+        subject: str,
+        queue: str | None,
+        max_pending_msgs: int,
+        max_pending_bytes: int,
+        timeout: float | None,
+    ) -> AsyncIterator[Subscription]:
         check_subscribe_subject(subject)
         check_queue(queue)
         check_int("max_pending_msgs", max_pending_msgs, minimum=1)

@@ -57,7 +57,7 @@ import sys
 import traceback
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import FrameType, MethodType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, final, overload
 
 import trio
 from trio.lowlevel import (
@@ -332,6 +332,13 @@ class Borrow(Generic[C]):
         self._scope: trio.CancelScope | None = None
         self._handle: LeasedConnection | None = None
         self._used = False
+
+    def __await__(self) -> NoReturn:
+        raise TypeError(
+            "pool.borrow() is not awaitable: it is an async context manager; write "
+            "`async with pool.borrow() as nc:` (the connection goes back to the pool when "
+            "the block exits)"
+        )
 
     async def __aenter__(self) -> C:
         if self._used:

@@ -59,7 +59,11 @@ class Subscription:
         self.dropped = 0
 
     # -- producer side: called synchronously by nats-py's read loop -------------------
+    # put_nowait, qsize and empty are nats-py's pending-queue protocol, not public API:
+    # nats-py calls them by these names on the object installed as its pending queue,
+    # so they cannot be renamed without an indirection on every delivered message.
     def put_nowait(self, msg: Msg) -> None:
+        """Not public API: nats-py's read loop hands a message over (drops when full)."""
         size = len(msg.data)
         if (
             self._ended
@@ -80,9 +84,11 @@ class Subscription:
             reschedule(waiter)
 
     def qsize(self) -> int:
+        """Not public API (nats-py's pending-queue protocol): use :attr:`pending`."""
         return len(self._buffer)
 
     def empty(self) -> bool:
+        """Not public API (nats-py's pending-queue protocol): use :attr:`pending`."""
         return not self._buffer
 
     def _end(self, error: BaseException | None = None) -> None:
