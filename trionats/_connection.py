@@ -375,7 +375,7 @@ class Connection:
             check_publish_subject(subject)
         if type(data) is not bytes:
             check_data(data)
-        if timeout is not None and (type(timeout) is not float or not timeout > 0):
+        if timeout is not None and (type(timeout) is not float or not 0 < timeout < math.inf):
             check_seconds("timeout", timeout)
         if headers is not None:
             check_headers(headers)
