@@ -90,7 +90,7 @@ from ._pool_core import (
     ServerStats,
     Waiter,
 )
-from ._validate import check_seconds, redact
+from ._validate import check_bool, check_seconds, redact
 
 if TYPE_CHECKING:
     import random
@@ -460,7 +460,7 @@ class Pool(Generic[C]):
         once the block has exited, using it raises :class:`trionats.ConnectionClosedError`.
 
         Raises:
-            TypeError: ``timeout`` is not a number or None.
+            TypeError: ``timeout`` is not a number or None, or ``long_lived`` not a bool.
             ValueError: ``timeout`` is not a finite number > 0.
             PoolTimeoutError: no connection within ``timeout`` (chained to the last dial
                 error, if any).
@@ -470,6 +470,7 @@ class Pool(Generic[C]):
                 longer than ``leak_timeout`` and was cancelled.
         """
         timeout = check_seconds("timeout", timeout, allow_none=True)
+        check_bool("long_lived", long_lived)
         frame = sys._getframe(1)
         return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), long_lived)
 

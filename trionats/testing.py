@@ -198,10 +198,11 @@ async def leak_probe(
                 ...
         probe.assert_no_leaks()
 
-    The baseline is taken when two counts 50 ms apart agree. After the block the counts are taken again until they equal the baseline or
-    ``settle_timeout`` passes (a server notices a closed client a moment later); then
-    ``probe.after`` holds the last counts and ``probe.leaks`` what differs. It never
-    raises a leak by itself: call ``probe.assert_no_leaks()``.
+    The baseline is taken when two counts 50 ms apart agree. After the block the counts
+    are taken again until they equal the baseline or ``settle_timeout`` passes (a server
+    notices a closed client a moment later); then ``probe.after`` holds the last counts
+    and ``probe.leaks`` what differs. It never raises a leak by itself: call
+    ``probe.assert_no_leaks()``.
 
     The counts: ``trio_tasks`` (the whole task tree), ``asyncio_tasks`` (unfinished tasks
     of the trio-asyncio loop open around the probe; a connection opened inside the block
