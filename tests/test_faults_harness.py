@@ -16,28 +16,28 @@ from trionats.testing import NatsCluster, leak_probe, open_fault_proxy, wait_for
 
 async def test_freeze_and_thaw(nats_server: trionats.NatsServer) -> None:
     async with trionats.open_connection(nats_server.url) as nc:
-        nats_server.freeze()
+        await nats_server.freeze()
         assert nats_server.is_frozen
         with pytest.raises(trionats.TimeoutError):
             await nc.flush(timeout=0.3)
-        nats_server.thaw()
+        await nats_server.thaw()
         assert not nats_server.is_frozen
         await nc.flush(timeout=5)
 
 
 async def test_stop_a_frozen_server_is_prompt(nats_server: trionats.NatsServer) -> None:
-    nats_server.freeze()
+    await nats_server.freeze()
     start = trio.current_time()
     await nats_server.stop(timeout=5)
     assert trio.current_time() - start < 2  # thawed first, so SIGTERM is handled at once
     assert not nats_server.is_running
     assert not nats_server.is_frozen
     with pytest.raises(trionats.TrionatsError, match=str(nats_server.port)):
-        nats_server.freeze()
+        await nats_server.freeze()
 
 
 async def test_kill_a_frozen_server(nats_server: trionats.NatsServer) -> None:
-    nats_server.freeze()
+    await nats_server.freeze()
     await nats_server.kill()
     assert not nats_server.is_running
     assert not nats_server.is_frozen
@@ -77,9 +77,9 @@ async def test_cluster_by_index(nats_cluster: NatsCluster) -> None:
     assert not nats_cluster[1].is_running
     await nats_cluster.restart(1)
     assert nats_cluster[1].is_running
-    nats_cluster.freeze(0)
+    await nats_cluster.freeze(0)
     assert nats_cluster[0].is_frozen
-    nats_cluster.thaw(0)
+    await nats_cluster.thaw(0)
     await nats_cluster.stop(2)
     await nats_cluster.start(2)
     # the restarted nodes route again: a message crosses from node 2 to node 1

@@ -92,6 +92,23 @@ def find_nats_server() -> str:
     )
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is in the stopped state (True where /proc is missing)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
 _handed_out: set[int] = set()
 
 
@@ -310,24 +327,36 @@ class NatsServer:
         """True between :meth:`freeze` and :meth:`thaw` (or a stop/kill/restart)."""
         return self._frozen and self.is_running
 
-    def freeze(self) -> None:
+    async def freeze(self) -> None:
         """Suspend the process (SIGSTOP): it keeps its sockets open and answers nothing.
 
         The kernel still accepts TCP connections into the listen backlog and buffers what
         clients send, so a client sees a silent server, not a closed one: what a hung
-        server or a dead network path looks like. :meth:`thaw` resumes it; :meth:`stop`,
-        :meth:`kill` and leaving the block thaw it first.
+        server or a dead network path looks like. Returns once every thread of the
+        process is stopped (on Linux, read from ``/proc``; bounded by 5 s). :meth:`thaw`
+        resumes it; :meth:`stop`, :meth:`kill` and leaving the block thaw it first.
 
         Raises:
             TrionatsError: the server is not running.
         """
-        if self._process is None or self._process.returncode is not None:
+        process = self._process
+        if process is None or process.returncode is not None:
             raise TrionatsError(f"nats-server on port {self.port} is not running")
-        self._process.send_signal(signal.SIGSTOP)
+        process.send_signal(signal.SIGSTOP)
         self._frozen = True
+        with trio.move_on_after(5):
+            while True:
+                if _all_threads_stopped(process.pid):
+                    break
+                await trio.sleep(0.001)  # bounded polling: the kernel stops each thread
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def thaw(self) -> None:
+    async def thaw(self) -> None:
         """Resume a server suspended by :meth:`freeze` (SIGCONT); nothing if not frozen."""
+        self._thaw()
+        await trio.lowlevel.checkpoint()
+
+    def _thaw(self) -> None:
         if self._frozen and self._process is not None and self._process.returncode is None:
             self._process.send_signal(signal.SIGCONT)
         self._frozen = False
@@ -409,7 +438,7 @@ class NatsServer:
         process = self._process
         if process is None:
             return
-        self.thaw()
+        self._thaw()
         with trio.CancelScope(shield=True):
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
@@ -490,13 +519,13 @@ class NatsCluster(list[NatsServer]):
         """Kill node ``index`` (SIGKILL)."""
         await self[index].kill()
 
-    def freeze(self, index: int) -> None:
+    async def freeze(self, index: int) -> None:
         """Suspend node ``index`` (SIGSTOP)."""
-        self[index].freeze()
+        await self[index].freeze()
 
-    def thaw(self, index: int) -> None:
+    async def thaw(self, index: int) -> None:
         """Resume node ``index`` (SIGCONT)."""
-        self[index].thaw()
+        await self[index].thaw()
 
     async def start(self, index: int) -> None:
         """Start node ``index`` again on its ports (it rejoins the cluster)."""

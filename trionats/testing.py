@@ -5,7 +5,7 @@ available everywhere:
 
 * ``nats_server``: a running nats-server on 127.0.0.1 and a free port
   (``.url``, ``.port``, ``await .stop()``, ``await .start()`` on the same port, ``await .kill()``,
-  ``.freeze()`` / ``.thaw()`` (SIGSTOP / SIGCONT), ``await .restart(kill=False)``);
+  ``await .freeze()`` / ``await .thaw()`` (SIGSTOP / SIGCONT), ``await .restart(kill=False)``);
 * ``nats_url``: its URL;
 * ``nats_cluster``: a 3-node cluster (a :class:`NatsCluster`: a list of servers, plus
   ``stop(i)``, ``kill(i)``, ``freeze(i)``, ``thaw(i)``, ``restart(i)`` by index);
