@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
@@ -57,6 +58,11 @@ log = logging.getLogger("trionats")
 
 
 # The server answers a request nobody listens to with an empty message carrying this.
+# A server -ERR for a SUB the account may not make: the server never registered it.
+_DENIED_SUBSCRIPTION = re.compile(
+    r'permissions violation for subscription to "([^"]*)"(?: using queue "([^"]*)")?', re.I
+)
+
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"
 
@@ -657,7 +663,26 @@ class Connection:
         error = self._bridge.translate(exc)
         if isinstance(error, _errors.TrionatsError):
             self._last_error = error
+        self._end_denied_subscriptions(error)
         self._emit(ConnectionEvent(EventKind.ERROR, error=error))
+
+    def _end_denied_subscriptions(self, error: BaseException) -> None:
+        """A subscription the server refused (permissions) ends with that error.
+
+        The server never registered it, so it would otherwise wait forever, silently.
+        """
+        denied = _DENIED_SUBSCRIPTION.search(str(error))
+        if denied is None:
+            return
+        subject, queue = denied.group(1), denied.group(2)
+        for sub in list(self._subs):
+            if sub.subject == subject and sub.queue == queue:
+                sub._end(
+                    _errors.SubscriptionClosedError(
+                        f"the server refused the subscription to {subject!r}: {error}"
+                    )
+                )
+                self._unsubscribe_nowait(sub, send_unsub=False)
 
     async def _on_disconnected(self) -> None:
         # nats-py forgets the PONGs it waits for when it reconnects.
