@@ -47,6 +47,17 @@ def test_public_names_are_pinned() -> None:
         "SubscriberStats",
         "SubscriptionHandle",
         "open_subscriber",
+        "AckPolicy",
+        "ConsumerInfo",
+        "DeliverPolicy",
+        "JetStream",
+        "JetStreamError",
+        "JsMsg",
+        "MsgAlreadyAckedError",
+        "MsgMetadata",
+        "PubAck",
+        "PullSubscription",
+        "StreamInfo",
     }
     assert expected <= set(trionats.__all__)
     for name in trionats.__all__:

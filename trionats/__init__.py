@@ -16,6 +16,7 @@ from ._connection import Connection as Connection
 from ._connection import ConnectionStats as ConnectionStats
 from ._errors import ConnectError as ConnectError
 from ._errors import ConnectionClosedError as ConnectionClosedError
+from ._errors import JetStreamError as JetStreamError
 from ._errors import LeaseExpiredError as LeaseExpiredError
 from ._errors import NoRespondersError as NoRespondersError
 from ._errors import PoolClosedError as PoolClosedError
@@ -28,6 +29,16 @@ from ._errors import TrionatsError as TrionatsError
 from ._events import ConnectionEvent as ConnectionEvent
 from ._events import EventKind as EventKind
 from ._events import EventStream as EventStream
+from ._jetstream import AckPolicy as AckPolicy
+from ._jetstream import ConsumerInfo as ConsumerInfo
+from ._jetstream import DeliverPolicy as DeliverPolicy
+from ._jetstream import JetStream as JetStream
+from ._jetstream import JsMsg as JsMsg
+from ._jetstream import MsgAlreadyAckedError as MsgAlreadyAckedError
+from ._jetstream import MsgMetadata as MsgMetadata
+from ._jetstream import PubAck as PubAck
+from ._jetstream import PullSubscription as PullSubscription
+from ._jetstream import StreamInfo as StreamInfo
 from ._msg import Msg as Msg
 from ._pool import CloseReason as CloseReason
 from ._pool import CloseStats as CloseStats
@@ -51,6 +62,7 @@ from ._validate import ServerURL as ServerURL
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AckPolicy",
     "CloseReason",
     "CloseStats",
     "ConnectError",
@@ -58,11 +70,18 @@ __all__ = [
     "ConnectionClosedError",
     "ConnectionEvent",
     "ConnectionStats",
+    "ConsumerInfo",
+    "DeliverPolicy",
     "EventKind",
     "EventStream",
     "Handler",
+    "JetStream",
+    "JetStreamError",
+    "JsMsg",
     "LeaseExpiredError",
     "Msg",
+    "MsgAlreadyAckedError",
+    "MsgMetadata",
     "NatsServer",
     "NoRespondersError",
     "Pool",
@@ -70,10 +89,13 @@ __all__ = [
     "PoolConfig",
     "PoolStats",
     "PoolTimeoutError",
+    "PubAck",
+    "PullSubscription",
     "ReconnectBufferFullError",
     "ServerNotFoundError",
     "ServerStats",
     "ServerURL",
+    "StreamInfo",
     "Subscriber",
     "SubscriberConfig",
     "SubscriberStats",

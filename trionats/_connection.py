@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from ._bridge import NatsClient
+    from ._jetstream import JetStream
     from ._msg import Msg
     from ._validate import ServerURL
 
@@ -722,6 +723,24 @@ class Connection:
         self._emit(ConnectionEvent(EventKind.CLOSED))
         for stream in list(self._event_streams):
             stream.close()
+
+    # -- JetStream ---------------------------------------------------------------------
+    def jetstream(self, *, prefix: str = "$JS.API", timeout: float = 5.0) -> JetStream:
+        """A :class:`~trionats.JetStream` context on this connection (no I/O here).
+
+        Args:
+            prefix: the JetStream API prefix (another for a domain or an account import).
+            timeout: seconds each JetStream API request and publish waits for its answer.
+
+        Example::
+
+            js = nc.jetstream()
+            await js.add_stream("ORDERS", ["orders.>"])
+            ack = await js.publish("orders.new", b"...", msg_id="o-1")
+        """
+        from ._jetstream import JetStream
+
+        return JetStream(self, prefix=prefix, timeout=timeout)
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "connected" if self.is_connected else "connecting"

@@ -14,6 +14,7 @@ import trio
 __all__ = [
     "ConnectError",
     "ConnectionClosedError",
+    "JetStreamError",
     "LeaseExpiredError",
     "NoRespondersError",
     "PoolClosedError",
@@ -73,6 +74,24 @@ class LeaseExpiredError(TrionatsError):
 
 class ReconnectBufferFullError(TrionatsError):
     """Publishing while disconnected, and the reconnect buffer (``pending_size``) is full."""
+
+
+class JetStreamError(TrionatsError):
+    """The JetStream API refused a request, or JetStream is not available.
+
+    Attributes:
+        code: the server's status code (400, 404, 503...; 0 when it gave none).
+        err_code: the server's JetStream error code (10059 stream not found...; 0 if none).
+        description: the server's description.
+    """
+
+    def __init__(
+        self, message: str, *, code: int = 0, err_code: int = 0, description: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.err_code = err_code
+        self.description = description or message
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException], levels: int = 1) -> BaseException:
