@@ -298,6 +298,22 @@ async def force_close(client: NatsClient, timeout: float) -> None:
         await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
 
 
+def abort_failed_attempt(client: NatsClient) -> None:
+    """Abort the socket of a reconnect attempt that failed, if it is still open.
+
+    When a server accepts TCP but never answers (frozen, or a black-holed path), nats-py's
+    reconnect loop times out waiting for INFO and moves on without closing that socket:
+    the next attempt replaces it, unclosed (a ResourceWarning and an fd until the GC).
+    Called from the error callback while not connected, when no live socket exists.
+    """
+    transport = getattr(client, "_transport", None)
+    writer = getattr(transport, "_io_writer", None)
+    raw = getattr(writer, "transport", None)
+    if raw is not None:
+        with contextlib.suppress(Exception):
+            raw.abort()  # a no-op on a transport already closed
+
+
 # -- publishing ------------------------------------------------------------------------
 # What try_append did (an int: the hot path compares ints, no enum attribute lookups).
 APPENDED = 0

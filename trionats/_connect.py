@@ -96,15 +96,21 @@ async def connect(
     errors: list[BaseException] = []
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
     fatal = False
+    ok = False  # the first connect succeeded
 
     async def on_error(exc: Exception) -> None:
         nonlocal fatal
-        if not client.is_connected and not conn._closed and bridge.is_connecting(client):
-            errors.append(exc)  # still connecting: reported in the ConnectError
-            if _is_fatal_connect_error(exc):
-                fatal = True  # retrying cannot help: fail now, not at the deadline
-                scope.cancel()
-            return
+        if not ok:
+            if not client.is_connected and not conn._closed and bridge.is_connecting(client):
+                errors.append(exc)  # still connecting: reported in the ConnectError
+                if _is_fatal_connect_error(exc):
+                    fatal = True  # retrying cannot help: fail now, not at the deadline
+                    scope.cancel()
+                return
+        elif not client.is_connected and not client.is_closed:
+            # A reconnect attempt failed: nats-py leaves the socket of an attempt that
+            # timed out (a frozen server) open, and the next attempt replaces it.
+            bridge.abort_failed_attempt(client)
         await conn._on_error(exc)
 
     # Each attempt gets its share of the budget, so a server that accepts TCP and never
@@ -141,7 +147,6 @@ async def connect(
         skip_subject_validation=True,  # validated here, with clearer errors
     )
     where = ", ".join(s.display for s in server_list)
-    ok = False
     try:
         try:
             with scope:
