@@ -56,6 +56,16 @@ __all__ = [
 ]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--soak-minutes N``: run trionats' soak test for N minutes (default: a short run)."""
+    parser.addoption(
+        "--soak-minutes",
+        type=float,
+        default=None,
+        help="trionats soak test: run for this many minutes instead of the short CI run",
+    )
+
+
 @pytest.fixture
 async def nats_server() -> AsyncIterator[NatsServer]:
     """A nats-server (with JetStream and monitoring) running for the test."""
