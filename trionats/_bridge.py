@@ -298,6 +298,13 @@ async def force_close(client: NatsClient, timeout: float) -> None:
         await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
 
 
+def announced_servers(client: NatsClient) -> list[str]:
+    """The client URLs (``host:port``) the server's INFO announced (``connect_urls``)."""
+    info = getattr(client, "_server_info", None) or {}
+    urls = info.get("connect_urls") or []
+    return [u for u in urls if isinstance(u, str)]
+
+
 def abort_failed_attempt(client: NatsClient) -> None:
     """Abort the socket of a reconnect attempt that failed, if it is still open.
 

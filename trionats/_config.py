@@ -18,6 +18,7 @@ from ._validate import (
     SECRET_OPTIONS,
     ServerURL,
     check_auth_options,
+    check_bool,
     check_int,
     check_number,
     check_seconds,
@@ -79,6 +80,11 @@ class PoolConfig:
         user_credentials: path of a ``.creds`` file (JWT and seed).
         tls: the :class:`ssl.SSLContext` for ``tls://`` servers (or to require TLS).
         tls_hostname: the host name to verify the servers' certificates against.
+        discover_servers: add the servers a cluster announces (``connect_urls`` in the
+            server's INFO) to the pool's servers, so a pool given one node of a cluster
+            spreads over the whole cluster and keeps working when that node is down.
+            Discovered servers get the scheme of the server that announced them and the
+            pool's auth and TLS options. On by default; False keeps exactly ``servers``.
 
     Raises:
         TypeError: a field has the wrong type; the message names the field.
@@ -105,6 +111,7 @@ class PoolConfig:
     user_credentials: str | None
     tls: ssl.SSLContext | None
     tls_hostname: str | None
+    discover_servers: bool
 
     def __init__(
         self,
@@ -129,6 +136,7 @@ class PoolConfig:
         user_credentials: str | None = None,
         tls: ssl.SSLContext | None = None,
         tls_hostname: str | None = None,
+        discover_servers: bool = True,
     ) -> None:
         def put(field: str, value: object) -> None:
             object.__setattr__(self, field, value)
@@ -183,6 +191,7 @@ class PoolConfig:
         check_auth_options("PoolConfig.", auth)
         for field, value in auth.items():
             put(field, value)
+        put("discover_servers", check_bool("PoolConfig.discover_servers", discover_servers))
 
     def __repr__(self) -> str:
         parts = []

@@ -90,7 +90,7 @@ from ._pool_core import (
     ServerStats,
     Waiter,
 )
-from ._validate import check_bool, check_seconds, redact
+from ._validate import ServerURL, check_bool, check_seconds, parse_servers, redact
 
 if TYPE_CHECKING:
     import random
@@ -415,8 +415,12 @@ class Pool(Generic[C]):
         rng: random.Random | None,
         nursery: trio.Nursery,
         wrap: Callable[[C], LeasedConnection] | None = None,
+        discover: Callable[[C], list[str]] | None = None,
     ) -> None:
         self._config = config
+        self._urls: list[ServerURL] = list(config.servers)
+        self._known = {(u.host.lower(), u.port) for u in config.servers}
+        self._discover = discover if config.discover_servers else None
         self._dial = dial
         self._wrap = wrap
         self._core: PoolCore[C] = PoolCore(config, is_healthy=_is_healthy, rng=rng)
@@ -503,7 +507,7 @@ class Pool(Generic[C]):
                     now = trio.current_time()
                     delay = core.dial_failed(ticket, now)
                     self._drain()
-                    url = self._config.servers[ticket.server].display
+                    url = self._urls[ticket.server].display
                     log.info(
                         "dial %s failed (%s); backing off %.3f s", url, redact(repr(exc)), delay
                     )
@@ -516,6 +520,8 @@ class Pool(Generic[C]):
                     self._drain()
                     raise
                 lease = core.dial_succeeded(ticket, conn, trio.current_time())
+                if self._discover is not None:
+                    self._add_discovered(self._urls[ticket.server], self._discover(conn))
                 self._drain()
                 if lease is None:
                     raise PoolClosedError("the pool closed while dialing")
@@ -544,13 +550,29 @@ class Pool(Generic[C]):
         return grant
 
     async def _dial_ticket(self, ticket: DialTicket) -> C:
-        server = self._config.servers[ticket.server]
+        server = self._urls[ticket.server]
         with trio.move_on_after(self._config.dial_timeout) as scope:
             ticket.token = scope
             return await self._dial(server.url)
         if self._core.closing:
             raise PoolClosedError("the pool closed while dialing")
         raise ConnectError(f"dialing {server.display} took more than {self._config.dial_timeout} s")
+
+    def _add_discovered(self, via: ServerURL, announced: list[str]) -> None:
+        """Add the servers ``via`` announced (``host:port``) that the pool does not know."""
+        for hostport in announced:
+            try:
+                (url,) = parse_servers(f"{via.scheme}://{hostport}", "connect_urls")
+            except (TypeError, ValueError):
+                log.debug("ignoring an announced server %r", redact(hostport))
+                continue
+            key = (url.host.lower(), url.port)
+            if key in self._known:
+                continue
+            self._known.add(key)
+            self._urls.append(url)
+            self._core.add_server(url.display)
+            log.info("pool: discovered server %s (announced by %s)", url.display, via.display)
 
     # -- returning ---------------------------------------------------------------------
     def _release(self, lease: Lease[C], suspect: bool) -> None:
@@ -559,7 +581,7 @@ class Pool(Generic[C]):
             name, stack = _describe(lease.holder)
             log.warning(
                 "leaked connection to %s returned after %.3f s by task %r; it was borrowed at:\n%s",
-                self._config.servers[lease.server].display,
+                self._urls[lease.server].display,
                 trio.current_time() - lease.borrowed_at,
                 name,
                 stack,
@@ -595,7 +617,7 @@ class Pool(Generic[C]):
         log.warning(
             "connection lease (server %s) held for %.3f s (leak_timeout=%s s) by task %r%s;"
             " borrowed at:\n%s",
-            self._config.servers[lease.server].display,
+            self._urls[lease.server].display,
             trio.current_time() - lease.borrowed_at,
             self._config.leak_timeout,
             name,
@@ -679,10 +701,11 @@ async def _run_pool(
     dial: Callable[[str], Awaitable[C]],
     rng: random.Random | None,
     wrap: Callable[[C], LeasedConnection] | None = None,
+    discover: Callable[[C], list[str]] | None = None,
 ) -> AsyncIterator[Pool[C]]:
     try:
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, dial, rng, nursery, wrap)
+            pool = Pool(config, dial, rng, nursery, wrap, discover)
             await nursery.start(pool._housekeeper)
             try:
                 yield pool
@@ -791,5 +814,11 @@ async def _run_real_pool(
             # The URL the dialer was given carries credentials: never let them surface.
             raise ConnectError(clean) from exc.__cause__
 
-    async with _bridge.loop_scope(), _run_pool(config, dial, rng, LeasedConnection) as pool:
+    def discover(conn: Connection) -> list[str]:
+        return _bridge.announced_servers(conn._client)
+
+    async with (
+        _bridge.loop_scope(),
+        _run_pool(config, dial, rng, LeasedConnection, discover) as pool,
+    ):
         yield pool

@@ -120,7 +120,8 @@ class PoolStats:
     """A snapshot of a pool's state and counters (``pool.stats()``).
 
     Attributes:
-        servers: per-server state, in the order of ``PoolConfig.servers``.
+        servers: per-server state, in the order of ``PoolConfig.servers``, then the
+            servers discovered from the cluster, in discovery order.
         idle: idle connections, all servers.
         borrowed: connections lent out, all servers.
         dialing: dials in progress, all servers.
@@ -354,6 +355,12 @@ class PoolCore(Generic[C]):
         self.wait_time_max = 0.0
         self.timeouts = 0
         self.leaks_detected = 0
+
+    def add_server(self, url: str) -> int:
+        """Add a server (one a cluster announced); returns its index. New borrowers may
+        dial it at once; waiters are served if it gives them a dial slot."""
+        self._servers.append(_Server(url))
+        return len(self._servers) - 1
 
     # -- queries -------------------------------------------------------------------------
     @property
