@@ -35,6 +35,7 @@ from ._validate import check_data, check_headers, check_int, check_publish_subje
 
 if TYPE_CHECKING:
     from ._connection import Connection
+    from ._kv import KeyValue
     from ._msg import Msg
     from ._subscription import Subscription
 
@@ -849,6 +850,41 @@ class JetStream:
             duplicate=bool(r.get("duplicate", False)),
             domain=r.get("domain"),
         )
+
+    # -- key-value -------------------------------------------------------------------------
+    async def create_key_value(
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        ttl: float | None = None,
+        max_bytes: int = -1,
+        storage: str = "file",
+    ) -> KeyValue:
+        """Create (or open, when it exists with the same settings) a key-value bucket.
+
+        Args:
+            bucket: the bucket's name.
+            history: values kept per key (1..64).
+            ttl: seconds a value is kept (None: forever).
+            max_bytes: the bucket's size limit (-1: none).
+            storage: "file" or "memory".
+        """
+        from ._kv import create_key_value
+
+        return await create_key_value(
+            self, bucket, history=history, ttl=ttl, max_bytes=max_bytes, storage=storage
+        )
+
+    async def key_value(self, bucket: str) -> KeyValue:
+        """Open an existing key-value bucket.
+
+        Raises:
+            JetStreamError: no such bucket (code 404).
+        """
+        from ._kv import key_value
+
+        return await key_value(self, bucket)
 
     # -- pull ------------------------------------------------------------------------------
     def pull_subscribe(self, stream: str, consumer: str) -> _PullContext:

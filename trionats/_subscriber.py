@@ -54,7 +54,9 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from . import _errors
+from ._jetstream import AckPolicy, JsMsg, PullSubscription, _check_name
 from ._validate import (
+    check_bool,
     check_int,
     check_queue,
     check_seconds,
@@ -72,6 +74,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Handler",
+    "JetStreamHandle",
+    "JsHandler",
     "Subscriber",
     "SubscriberConfig",
     "SubscriberStats",
@@ -83,6 +87,9 @@ log = logging.getLogger("trionats.subscriber")
 
 Handler = Callable[["Msg"], Awaitable[bytes | None]]
 """``async def handler(msg) -> bytes | None``; returned bytes answer a request."""
+
+JsHandler = Callable[[JsMsg], Awaitable[object]]
+"""``async def handler(msg: JsMsg) -> None`` for :meth:`Subscriber.start_jetstream`."""
 
 _MAX_ERROR_HEADER = 256
 _YIELD_EVERY = 64
@@ -270,6 +277,7 @@ class _HandleCore:
         "in_flight",
         "max_workers",
         "processed",
+        "reserved",
         "source",
         "state",
         "timed_out",
@@ -285,6 +293,7 @@ class _HandleCore:
         self.timed_out = 0
         self.cancelled = 0
         self.discarded = 0  # taken from the buffer at stop, never handled
+        self.reserved = 0  # slots promised to messages requested (JetStream pulls)
 
     def stats(self, connection_error: str | None = None) -> SubscriberStats:
         src = self.source
@@ -311,11 +320,12 @@ class _HandleCore:
 class _SubscriberCore:
     """Synchronous accounting and slot arithmetic shared by a subscriber's handles."""
 
-    __slots__ = ("_retired", "handles", "in_flight", "max_workers")
+    __slots__ = ("_retired", "handles", "in_flight", "max_workers", "reserved")
 
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max_workers
         self.in_flight = 0
+        self.reserved = 0
         self.handles: set[_HandleCore] = set()
         self._retired = [0] * 6  # received, processed, failed, timed_out, cancelled, dropped
 
@@ -332,7 +342,30 @@ class _SubscriberCore:
         """How many messages ``h`` may take now (0 once it is stopping)."""
         if h.state is not _State.RUNNING:
             return 0
-        return min(self.max_workers - self.in_flight, h.max_workers - h.in_flight)
+        return min(
+            self.max_workers - self.in_flight - self.reserved,
+            h.max_workers - h.in_flight - h.reserved,
+        )
+
+    def reserve(self, h: _HandleCore, n: int) -> None:
+        """Promise ``n`` free slots of ``h`` to messages requested from the server."""
+        if n > self.free_slots(h):
+            raise RuntimeError("trionats bug: reserved more slots than are free")
+        h.reserved += n
+        self.reserved += n
+
+    def unreserve(self, h: _HandleCore, n: int) -> None:
+        """``n`` reserved slots of ``h`` will not be used (the request ended short)."""
+        if n > h.reserved:
+            raise RuntimeError("trionats bug: released more slots than were reserved")
+        h.reserved -= n
+        self.reserved -= n
+
+    def taken_reserved(self, h: _HandleCore) -> None:
+        """A requested message arrived: its reserved slot is now a handler in flight."""
+        self.unreserve(h, 1)
+        h.in_flight += 1
+        self.in_flight += 1
 
     def taken(self, h: _HandleCore) -> None:
         """One message was taken from ``h``'s buffer and its handler is starting."""
@@ -760,6 +793,341 @@ class SubscriptionHandle:
 _HANDLE_ONE_CODE = SubscriptionHandle._handle_one.__code__
 
 
+class _JsCounts:
+    """The :class:`_Source` of a JetStream handle: messages handed to handlers, and the
+    ones fetched but never started (naked at once)."""
+
+    __slots__ = ("delivered", "dropped", "pending", "pending_bytes")
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.dropped = 0
+        self.pending = 0
+        self.pending_bytes = 0
+
+
+_ACK_CONFIRM_TIMEOUT = 5.0
+"""Seconds a worker waits for the server to confirm its ack before freeing the slot."""
+
+_JS_RETRY = 0.25
+"""Seconds between two pull requests after one could not be sent (reconnect buffer full)."""
+
+
+@final
+class JetStreamHandle:
+    """One running JetStream pull consumer of a :class:`Subscriber`; see
+    :meth:`Subscriber.start_jetstream`.
+
+    Attributes:
+        stream: the stream.
+        consumer: the (durable) consumer.
+        ack_policy: how messages are acknowledged around the handler.
+        max_workers: this consumer's own limit on concurrent handlers.
+        max_batch: the most messages one pull request asks for.
+    """
+
+    def __init__(
+        self,
+        subscriber: Subscriber,
+        stream: str,
+        consumer: str,
+        handler: JsHandler,
+        *,
+        ack_policy: AckPolicy,
+        max_workers: int,
+        max_batch: int,
+        nak_delay: float | None,
+        heartbeat: bool,
+        expires: float,
+        confirm_acks: bool,
+    ) -> None:
+        self._subscriber = subscriber
+        self._confirm_acks = confirm_acks
+        self.stream = stream
+        self.consumer = consumer
+        self.subject = f"{stream}/{consumer}"
+        self.ack_policy = ack_policy
+        self.max_workers = max_workers
+        self.max_batch = max_batch
+        self._nak_delay = nak_delay
+        self._heartbeat_on = heartbeat
+        self._expires = expires
+        self._handler = handler
+        self._core = _HandleCore(max_workers)
+        self._counts = _JsCounts()
+        self._workers: trio.Nursery | None = None
+        self._loop_scope = trio.CancelScope()
+        self._outstanding = 0  # messages the current pull request may still bring
+        self._ack_wait = 30.0
+        self._stop_deadline = math.inf
+        self._done = trio.Event()
+        self._conn: Connection | None = None
+
+    # -- public --------------------------------------------------------------------------
+    def stats(self) -> SubscriberStats:
+        """A snapshot of this consumer's counters (see :class:`SubscriberStats`).
+
+        ``dropped`` counts messages fetched but never started (naked at once at a stop).
+        """
+        return self._core.stats(self._subscriber._connection_error())
+
+    @property
+    def stopped(self) -> bool:
+        """True once the consumer has stopped and none of its handlers runs any more."""
+        return self._done.is_set()
+
+    async def stop(self, timeout: float | _Default | None = _DEFAULT) -> None:
+        """Stop fetching; returns when none of this consumer's handlers runs any more.
+
+        Stops requesting messages; messages the server already sent for an outstanding
+        pull request and never started are naked at once (the server redelivers them
+        elsewhere without waiting for ``ack_wait``); in-flight handlers get ``timeout``
+        seconds, and each is acknowledged according to its outcome and the ack policy;
+        handlers still running then are cancelled and their messages naked. The same
+        cancellation rules as :meth:`SubscriptionHandle.stop`.
+
+        Args:
+            timeout: grace period in seconds for in-flight handlers (0: cancel them at
+                once; None: no deadline of its own). Defaults to the subscriber's
+                ``stop_timeout``.
+        """
+        if timeout is _DEFAULT:
+            timeout = self._subscriber._config.stop_timeout
+        else:
+            timeout = check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
+        own = math.inf if timeout is None else trio.current_time() + timeout
+        deadline = min(own, trio.current_effective_deadline())
+        self._request_stop(deadline)
+        try:
+            with trio.move_on_at(deadline + _CANCEL_GRACE):
+                await self._done.wait()
+        except trio.Cancelled:
+            self._request_stop(-math.inf)
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_GRACE):
+                await self._done.wait()
+            if not self._done.is_set():
+                self._warn_stuck("handle.stop() (cancelled)")
+            raise
+        if not self._done.is_set():
+            self._warn_stuck("handle.stop()")
+
+    def __repr__(self) -> str:
+        return (
+            f"<trionats.JetStreamHandle {self.subject!r} {self.ack_policy.name} "
+            f"{self._core.state.value}>"
+        )
+
+    # -- internals -----------------------------------------------------------------------
+    def _request_stop(self, deadline: float) -> None:
+        self._subscriber._core.stopping(self._core)
+        self._stop_deadline = min(self._stop_deadline, deadline)
+        self._loop_scope.cancel()
+        if self._workers is not None:
+            scope = self._workers.cancel_scope
+            scope.deadline = min(scope.deadline, deadline)
+
+    def _warn_stuck(self, who: str) -> None:
+        log.warning(
+            "%s: %d handler(s) of the JetStream consumer %r did not end %.2f s after being "
+            "cancelled (shielded from cancellation?): handler %s",
+            who,
+            self._core.in_flight,
+            self.subject,
+            _CANCEL_GRACE,
+            _callable_name(self._handler),
+        )
+
+    async def _run(
+        self,
+        conn: Connection,
+        timeout: float | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        sub_core = self._subscriber._core
+        self._conn = conn
+        js = conn.jetstream(timeout=5.0 if timeout is None else timeout)
+        try:
+            info = await js.consumer_info(self.stream, self.consumer)
+            self._ack_wait = info.ack_wait
+            async with trio.open_nursery() as workers:
+                self._workers = workers
+                if self._stop_deadline < math.inf:
+                    workers.cancel_scope.deadline = self._stop_deadline
+                async with js.pull_subscribe(self.stream, self.consumer) as psub:
+                    sub_core.running(self._core, self._counts)
+                    task_status.started()
+                    try:
+                        with self._loop_scope:
+                            await self._fetch_loop(psub, workers)
+                    except (_errors.ConnectionClosedError, _errors.SubscriptionClosedError):
+                        reason = self._subscriber._connection_error()
+                        log.warning(
+                            "JetStream consumer %r ended (connection closed%s); finishing "
+                            "its in-flight handlers",
+                            self.subject,
+                            f": {reason}" if reason else "",
+                        )
+                    finally:
+                        sub_core.stopping(self._core)
+                        with trio.CancelScope(shield=True):
+                            await psub._stop_interest()
+                            self._settle_buffered(psub)
+                            sub_core.unreserve(self._core, self._outstanding)
+                            self._outstanding = 0
+                            self._counts.dropped += await psub._nak_leftovers()
+                # The nursery now waits for in-flight handlers, until the stop deadline.
+        except BaseExceptionGroup as group:
+            _errors.reraise_unwrapped(group, 1)
+        finally:
+            sub_core.stopping(self._core)
+            sub_core.stopped(self._core)
+            self._subscriber._active.pop(self, None)
+            self._done.set()
+
+    def _settle_buffered(self, psub: PullSubscription) -> None:
+        """At a stop: hand buffered messages of the outstanding request to the stash
+        (naked with the leftovers); nothing more is started."""
+        sub = psub._sub
+        while sub.pending:
+            item = psub._classify(sub.take_nowait())
+            if isinstance(item, JsMsg):
+                psub._stash.append(item)
+
+    async def _fetch_loop(self, psub: PullSubscription, workers: trio.Nursery) -> None:
+        """Request ``min(free slots, max_batch)`` messages, start each as it arrives."""
+        sub_core = self._subscriber._core
+        core = self._core
+        slot_freed = self._subscriber._slot_freed
+        sub = psub._sub
+        while core.state is _State.RUNNING:
+            free = sub_core.free_slots(core)
+            if free <= 0:
+                await slot_freed.park()
+                continue
+            n = min(free, self.max_batch)
+            sub_core.reserve(core, n)
+            self._outstanding = n
+            try:
+                try:
+                    reply = await psub._pull(n, self._expires)
+                except _errors.ReconnectBufferFullError:
+                    await trio.sleep(_JS_RETRY)
+                    continue
+                # A request the server lost (it restarted) never ends by itself.
+                with trio.move_on_after(self._expires + 1.0):
+                    while self._outstanding > 0:
+                        msg = await sub.next_msg()
+                        item = psub._classify(msg)
+                        if isinstance(item, JsMsg):
+                            self._dispatch(item, workers)
+                            continue
+                        status, subject, _ = item
+                        if subject == reply and status in ("404", "408", "409"):
+                            if status == "409":
+                                desc = (msg.headers or {}).get("Description", "")
+                                log.warning("pull from %r ended: 409 %s", self.subject, desc)
+                                if "Deleted" in desc:
+                                    return
+                            break
+            finally:
+                sub_core.unreserve(core, self._outstanding)
+                self._outstanding = 0
+
+    def _dispatch(self, msg: JsMsg, workers: trio.Nursery) -> None:
+        sub_core = self._subscriber._core
+        core = self._core
+        if self._outstanding > 0:
+            self._outstanding -= 1
+            sub_core.taken_reserved(core)
+        elif sub_core.free_slots(core) > 0:
+            sub_core.taken(core)  # a late message of an expired request, and room for it
+        else:
+            # No slot for it: give it back at once (never buffered past ack_wait).
+            self._counts.dropped += 1
+            msg._acked = True
+            workers.start_soon(self._send, msg, b"-NAK")
+            return
+        self._counts.delivered += 1
+        workers.start_soon(self._work, msg, name=f"trionats.jetstream worker {self.subject!r}")
+
+    async def _send(self, msg: JsMsg, payload: bytes) -> None:
+        """Queue an ack (shielded, bounded): the outcome of a handler is never lost to a
+        cancel; a failure is logged (the server redelivers after ``ack_wait``)."""
+        conn = self._conn
+        assert conn is not None
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _ACK_CONFIRM_TIMEOUT):
+            try:
+                if self._confirm_acks:
+                    await conn.request(msg.reply, payload, timeout=_ACK_CONFIRM_TIMEOUT)
+                else:
+                    await conn._publish(msg.reply, payload, "", None)
+            except _errors.TrionatsError as exc:
+                log.warning("could not send %r for %r: %r", payload, msg, exc)
+
+    async def _settle(self, msg: JsMsg, payload: bytes) -> None:
+        if not msg._acked:
+            msg._acked = True
+            await self._send(msg, payload)
+
+    async def _heartbeat(self, msg: JsMsg, scope: trio.CancelScope) -> None:
+        """``+WPI`` every half ``ack_wait`` while the handler runs and has not acked."""
+        with scope:
+            interval = max(self._ack_wait / 2, 0.01)
+            while True:
+                await trio.sleep(interval)
+                if msg._acked:
+                    return
+                try:
+                    await msg.in_progress()
+                except _errors.TrionatsError as exc:
+                    log.warning("in_progress for %r failed: %r", msg, exc)
+                    return
+
+    async def _work(self, msg: JsMsg) -> None:
+        subscriber = self._subscriber
+        timeout = subscriber._config.handler_timeout
+        policy = self.ack_policy
+        outcome = Outcome.CANCELLED
+        hb = trio.CancelScope()
+        try:
+            try:
+                if policy is AckPolicy.ACK_FIRST:
+                    await self._settle(msg, b"+ACK")
+                if self._heartbeat_on and self._workers is not None:
+                    self._workers.start_soon(self._heartbeat, msg, hb)
+                try:
+                    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                        await self._handler(msg)
+                finally:
+                    hb.cancel()
+                if scope.cancelled_caught:
+                    outcome = Outcome.TIMED_OUT
+                    log.warning("handler for %r timed out after %s s", self.subject, timeout)
+                    return
+                outcome = Outcome.PROCESSED
+                if policy is not AckPolicy.MANUAL:
+                    await self._settle(msg, b"+ACK")
+            except Exception as exc:
+                outcome = Outcome.FAILED
+                log.error("handler for %r failed on %r: %r", self.subject, msg, exc, exc_info=exc)
+                if policy is AckPolicy.NAK_ON_ERROR:
+                    delay = self._nak_delay
+                    await self._settle(
+                        msg,
+                        b"-NAK" if delay is None else b'-NAK {"delay": %d}' % int(delay * 1e9),
+                    )
+                elif policy is AckPolicy.TERM_ON_ERROR:
+                    await self._settle(msg, b"+TERM")
+        finally:
+            if outcome in (Outcome.CANCELLED, Outcome.TIMED_OUT):
+                await self._settle(msg, b"-NAK")  # not processed: redeliver at once
+            subscriber._core.finished(self._core, outcome)
+            lot = subscriber._slot_freed
+            if lot:
+                lot.unpark_all()
+
+
 @final
 class Subscriber:
     """Runs handlers for subscriptions with bounded concurrency. Use :func:`open_subscriber`."""
@@ -770,7 +1138,8 @@ class Subscriber:
         self._nursery = nursery
         self._core = _SubscriberCore(config.max_workers)
         self._slot_freed = ParkingLot()
-        self._active: dict[SubscriptionHandle, None] = {}  # insertion-ordered set
+        # insertion-ordered set
+        self._active: dict[SubscriptionHandle | JetStreamHandle, None] = {}
         self._closing = False
         # Once open_subscriber has exited, the connection may be gone (a pooled
         # connection's lease ended with the block): stats() reports this snapshot.
@@ -861,7 +1230,127 @@ class Subscriber:
             raise
         return handle
 
-    def active(self) -> list[SubscriptionHandle]:
+    async def start_jetstream(
+        self,
+        stream: str,
+        consumer: str,
+        handler: JsHandler,
+        *,
+        ack_policy: AckPolicy = AckPolicy.ACK_AFTER,
+        max_workers: int | None = None,
+        max_batch: int = 256,
+        nak_delay: float | None = None,
+        heartbeat: bool = True,
+        expires: float = 5.0,
+        confirm_acks: bool = True,
+        timeout: float | None = _DEFAULT_START_TIMEOUT,
+    ) -> JetStreamHandle:
+        """Run ``handler`` for each message of the pull consumer ``consumer`` of ``stream``.
+
+        The consumer must exist (``js.add_consumer``). Slot-driven: each pull request asks
+        for ``min(free worker slots, max_batch)`` messages, and those slots stay reserved
+        until the messages come or the request ends, so the server never hands over more
+        messages than can start at once (no slack: ``num_ack_pending`` stays within
+        ``max_workers``) and no message sits in a buffer past ``ack_wait``. One pull
+        request is outstanding at a time; it expires after ``expires`` seconds.
+
+        Each message is acknowledged according to ``ack_policy`` (see
+        :class:`trionats.AckPolicy`); a handler that is cancelled or times out has its
+        message naked at once. While a handler runs, ``+WPI`` (in progress) is sent every
+        half ``ack_wait`` (``heartbeat=False`` turns that off), so a long handler keeps
+        its message; the heartbeats stop when the handler ends.
+
+        Args:
+            stream: the stream.
+            consumer: a pull consumer of that stream (durable or ephemeral, by name).
+            handler: ``async def handler(msg: JsMsg)``; its return value is ignored.
+            ack_policy: when and how messages are acknowledged.
+            max_workers: a limit on concurrent handlers for this consumer alone (the
+                subscriber's ``max_workers`` applies too).
+            max_batch: the most messages one pull request asks for.
+            nak_delay: seconds the server waits before redelivering a message naked by
+                ``NAK_ON_ERROR`` (None: at once, or per the consumer's backoff).
+            heartbeat: send in-progress acks for long handlers.
+            confirm_acks: wait for the server to confirm each final ack before the
+                worker's slot is freed (see above).
+            expires: seconds a pull request waits on the server for messages.
+            timeout: seconds for the start (consumer lookup, inbox subscription); None:
+                no deadline of its own.
+
+        Returns:
+            The handle: ``stop()``, ``stats()``, ``stream``, ``consumer``.
+
+        Raises:
+            TypeError / ValueError: a bad argument (the message names it).
+            trionats.JetStreamError: no such stream or consumer.
+            trionats.SubscriptionClosedError: the subscriber is shutting down.
+
+        Example::
+
+            async def handle(msg):
+                await process(msg.data)
+
+            await sub.start_jetstream("ORDERS", "workers", handle,
+                                      ack_policy=trionats.AckPolicy.NAK_ON_ERROR)
+        """
+        _check_handler(handler)
+        _check_name("stream", stream)
+        _check_name("consumer", consumer)
+        if not isinstance(ack_policy, AckPolicy):
+            raise TypeError(
+                f"ack_policy must be a trionats.AckPolicy, got {type(ack_policy).__name__}: "
+                f"{ack_policy!r}"
+            )
+        if max_workers is None:
+            max_workers = self._config.max_workers
+        else:
+            max_workers = check_int("max_workers", max_workers, minimum=1)
+        check_int("max_batch", max_batch, minimum=1)
+        nak_delay = check_seconds("nak_delay", nak_delay, allow_none=True, allow_zero=True)
+        check_bool("heartbeat", heartbeat)
+        check_bool("confirm_acks", confirm_acks)
+        expires = check_seconds("expires", expires)
+        if expires < 0.01:
+            raise ValueError(f"expires must be >= 0.01 s, got {expires!r}")
+        timeout = check_seconds("timeout", timeout, allow_none=True)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise _errors.SubscriptionClosedError("the subscriber is shutting down")
+        handle = JetStreamHandle(
+            self,
+            stream,
+            consumer,
+            handler,
+            ack_policy=ack_policy,
+            max_workers=max_workers,
+            max_batch=max_batch,
+            nak_delay=nak_delay,
+            heartbeat=heartbeat,
+            expires=expires,
+            confirm_acks=confirm_acks,
+        )
+        self._core.add(handle._core)
+        self._active[handle] = None
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                await self._nursery.start(handle._run, self._conn, timeout)
+        except trio.TooSlowError:
+            self._abandon(handle)
+            raise _errors.TimeoutError(
+                f"start_jetstream({stream!r}, {consumer!r}) did not complete within {timeout} s"
+            ) from None
+        except BaseException:
+            self._abandon(handle)
+            raise
+        return handle
+
+    def _abandon(self, handle: JetStreamHandle) -> None:
+        self._core.stopping(handle._core)
+        self._core.stopped(handle._core)
+        self._active.pop(handle, None)
+        handle._done.set()
+
+    def active(self) -> list[SubscriptionHandle | JetStreamHandle]:
         """The subscriptions that are running (started, not yet stopped), oldest first."""
         return [h for h in self._active if h._core.state is _State.RUNNING]
 
@@ -902,7 +1391,7 @@ class Subscriber:
         self._warn_stuck(handles)
 
     @staticmethod
-    def _warn_stuck(handles: list[SubscriptionHandle]) -> None:
+    def _warn_stuck(handles: list[SubscriptionHandle | JetStreamHandle]) -> None:
         for h in handles:
             if not h._done.is_set():
                 h._warn_stuck("leaving open_subscriber")
