@@ -123,11 +123,16 @@ async def test_blackhole_stalls_then_heal_delivers(fault_proxy: FaultProxy) -> N
 @pytest.mark.parametrize("direction", ["up", "down"])
 async def test_blackhole_one_direction(fault_proxy: FaultProxy, direction: str) -> None:
     async with trionats.open_connection(fault_proxy.url) as nc:
+        await nc.flush(timeout=5)
+        up, down = fault_proxy.bytes_up, fault_proxy.bytes_down
         fault_proxy.blackhole(direction)  # type: ignore[arg-type]
         with pytest.raises(trionats.TimeoutError):
             await nc.flush(timeout=0.3)
         if direction == "up":
-            assert fault_proxy.bytes_up == fault_proxy.bytes_up  # nothing more reaches it
+            assert fault_proxy.bytes_up == up  # the PING never reached the server
+        else:
+            assert fault_proxy.bytes_up > up  # the PING went through ...
+            assert fault_proxy.bytes_down == down  # ... the PONG never came back
         fault_proxy.heal()
         await nc.flush(timeout=5)
 
