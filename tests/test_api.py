@@ -58,6 +58,11 @@ def test_public_names_are_pinned() -> None:
         "PubAck",
         "PullSubscription",
         "StreamInfo",
+        "JetStreamHandle",
+        "JsHandler",
+        "KeyNotFoundError",
+        "KeyValue",
+        "KvEntry",
     }
     assert expected <= set(trionats.__all__)
     for name in trionats.__all__:

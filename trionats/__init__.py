@@ -39,6 +39,9 @@ from ._jetstream import MsgMetadata as MsgMetadata
 from ._jetstream import PubAck as PubAck
 from ._jetstream import PullSubscription as PullSubscription
 from ._jetstream import StreamInfo as StreamInfo
+from ._kv import KeyNotFoundError as KeyNotFoundError
+from ._kv import KeyValue as KeyValue
+from ._kv import KvEntry as KvEntry
 from ._msg import Msg as Msg
 from ._pool import CloseReason as CloseReason
 from ._pool import CloseStats as CloseStats
@@ -51,6 +54,8 @@ from ._server import find_nats_server as find_nats_server
 from ._server import open_nats_cluster as open_nats_cluster
 from ._server import open_nats_server as open_nats_server
 from ._subscriber import Handler as Handler
+from ._subscriber import JetStreamHandle as JetStreamHandle
+from ._subscriber import JsHandler as JsHandler
 from ._subscriber import Subscriber as Subscriber
 from ._subscriber import SubscriberConfig as SubscriberConfig
 from ._subscriber import SubscriberStats as SubscriberStats
@@ -77,7 +82,12 @@ __all__ = [
     "Handler",
     "JetStream",
     "JetStreamError",
+    "JetStreamHandle",
+    "JsHandler",
     "JsMsg",
+    "KeyNotFoundError",
+    "KeyValue",
+    "KvEntry",
     "LeaseExpiredError",
     "Msg",
     "MsgAlreadyAckedError",
