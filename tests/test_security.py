@@ -303,7 +303,7 @@ async def test_no_secret_anywhere(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         collect(config)
         async with trionats.open_pool(config) as pool:
             try:
-                async with pool.borrow(timeout=2) as nc:
+                async with pool.borrow(timeout=1) as nc:
                     collect(nc, nc.stats())
             except trionats.TrionatsError as exc:
                 collect(exc)
