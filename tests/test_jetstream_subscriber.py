@@ -439,3 +439,64 @@ async def test_connection_closed_ends_the_consumer_not_the_subscriber(nats_url: 
                 await handle._done.wait()
             assert handle.stopped
             assert sub.active() == []
+
+
+async def test_fire_and_forget_acks_stay_within_the_documented_slack(nats_url: str) -> None:
+    """confirm_acks=False: num_ack_pending may exceed max_workers by the acks in flight,
+    at most max_workers (the documented slack); every message is still acked."""
+    k = 4
+    async with trionats.open_connection(nats_url) as nc:
+        js = await _stream(nc, 60, ack_wait=30)
+        count = 0
+        done = trio.Event()
+        samples: list[int] = []
+
+        async def handler(msg: JsMsg) -> None:
+            nonlocal count
+            await trio.sleep(0.01)  # a slow handler (work, not a wait for a condition)
+            count += 1
+            if count == 60:
+                done.set()
+
+        async with trionats.open_subscriber(nc, SubscriberConfig(max_workers=k)) as sub:
+            await sub.start_jetstream("S", "c", handler, confirm_acks=False)
+            with trio.fail_after(20):
+                while not done.is_set():
+                    samples.append((await js.consumer_info("S", "c")).num_ack_pending)
+        assert max(samples) <= 2 * k, samples
+        await nc.flush()
+
+        async def all_acked() -> bool:
+            return (await js.consumer_info("S", "c")).num_ack_pending == 0
+
+        await _until(all_acked)
+
+
+async def test_cancelled_stop_still_naks_in_flight_messages(nats_url: str) -> None:
+    async with trionats.open_connection(nats_url) as nc:
+        js = await _stream(nc, 2, ack_wait=60)
+        started = 0
+
+        async def blocked(msg: JsMsg) -> None:
+            nonlocal started
+            started += 1
+            await trio.sleep_forever()
+
+        async with trionats.open_subscriber(nc) as sub:
+            handle = await sub.start_jetstream("S", "c", blocked)
+
+            async def two() -> bool:
+                return started == 2
+
+            await _until(two)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await handle.stop(timeout=30)
+            assert scope.cancelled_caught
+            assert handle.stopped
+            assert handle.stats().cancelled == 2
+        await nc.flush()
+        async with js.pull_subscribe("S", "c") as psub:
+            with trio.fail_after(5):
+                again = await psub.fetch(2, timeout=4)  # naked: redelivered at once
+            assert sorted(m.metadata.num_delivered for m in again) == [2, 2]

@@ -419,6 +419,7 @@ class PullSubscription:
         self._tokens = itertools.count()
         self._next_subject = f"{_API}CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._stash: deque[JsMsg] = deque()
+        self._unsubscribed = False
 
     async def _pull(self, batch: int, expires: float) -> str:
         """Send a pull request for ``batch`` messages; returns its reply subject."""
@@ -489,6 +490,15 @@ class PullSubscription:
             )
         return got
 
+    def _unsub_now(self) -> None:
+        """Queue the inbox's UNSUB (once): the server delivers nothing more to it."""
+        conn = self._js._conn
+        nats_sub = self._sub._nats_sub
+        if self._unsubscribed or nats_sub is None or conn._closed:
+            return
+        self._unsubscribed = True
+        conn._bridge.send_unsub_nowait(conn._client, nats_sub)
+
     async def _stop_interest(self) -> None:
         """UNSUB the inbox, then a round trip: whatever the server sent before is buffered.
 
@@ -496,10 +506,9 @@ class PullSubscription:
         after this nothing more arrives for an outstanding request.
         """
         conn = self._js._conn
-        nats_sub = self._sub._nats_sub
-        if nats_sub is None or conn._closed:
+        if self._sub._nats_sub is None or conn._closed:
             return
-        conn._bridge.send_unsub_nowait(conn._client, nats_sub)
+        self._unsub_now()
         if conn._client.is_connected:
             with trio.move_on_after(2.0):
                 with suppress(_errors.TrionatsError):

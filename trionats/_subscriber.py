@@ -862,6 +862,7 @@ class JetStreamHandle:
         self._stop_deadline = math.inf
         self._done = trio.Event()
         self._conn: Connection | None = None
+        self._psub: PullSubscription | None = None
 
     # -- public --------------------------------------------------------------------------
     def stats(self) -> SubscriberStats:
@@ -921,6 +922,10 @@ class JetStreamHandle:
     def _request_stop(self, deadline: float) -> None:
         self._subscriber._core.stopping(self._core)
         self._stop_deadline = min(self._stop_deadline, deadline)
+        if self._psub is not None:
+            # UNSUB before any in-flight message is naked: the outstanding pull request
+            # must not take a naked message back.
+            self._psub._unsub_now()
         self._loop_scope.cancel()
         if self._workers is not None:
             scope = self._workers.cancel_scope
@@ -955,6 +960,7 @@ class JetStreamHandle:
                 if self._stop_deadline < math.inf:
                     workers.cancel_scope.deadline = self._stop_deadline
                 async with js.pull_subscribe(self.stream, self.consumer) as psub:
+                    self._psub = psub
                     sub_core.running(self._core, self._counts)
                     task_status.started()
                     try:
