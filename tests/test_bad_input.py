@@ -189,6 +189,8 @@ OPEN_CASES: list[tuple[str, dict[str, Any], type, str]] = [
     ("user type", {"user": 5}, TypeError, "user"),
     ("token type", {"token": b"t"}, TypeError, "token"),
     ("tls type", {"tls": "yes"}, TypeError, "tls"),
+    ("creds file missing", {"user_credentials": "/no/such.creds"}, ValueError, "user_credentials"),
+    ("seed file missing", {"nkeys_seed": "/no/such.nk"}, ValueError, "nkeys_seed"),
     ("unknown option", {"colour": "blue"}, TypeError, "colour"),
 ]
 
@@ -228,6 +230,7 @@ POOL_CASES: list[tuple[str, dict[str, Any], type, str]] = [
     ("close_timeout", {"close_timeout": "1"}, TypeError, "close_timeout"),
     ("name", {"name": 1}, TypeError, "name"),
     ("password type", {"user": "u", "password": 5}, TypeError, "password"),
+    ("creds file missing", {"user_credentials": "/no/such.creds"}, ValueError, "user_credentials"),
 ]
 
 

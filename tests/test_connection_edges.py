@@ -142,6 +142,22 @@ async def test_publish_waiting_for_the_flusher_wakes_when_the_server_dies(
         assert outcome == ["reconnect buffer full"]
 
 
+async def test_publish_during_a_reconnect_handshake_is_buffered(nats_url: str) -> None:
+    """A reconnect passes through nats-py's CONNECTING state while it sends CONNECT; a
+    publish then is buffered like any publish while reconnecting, not refused as if the
+    connection were closed (it was, for an instant, in the reliability suite)."""
+    async with trionats.open_connection(nats_url) as nc, nc.subscribe("hs") as sub:
+        client = nc._client
+        connected = client._status
+        client._status = type(client).CONNECTING
+        try:
+            await nc.publish("hs", b"buffered")
+        finally:
+            client._status = connected
+        await nc.flush()
+        assert (await sub.next_msg()).data == b"buffered"
+
+
 # -- No silent death ------------------------------------------------------------------------
 async def test_headers_and_payload_together_are_checked_against_max_payload(
     tmp_path: Path,

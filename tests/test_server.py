@@ -96,3 +96,12 @@ async def test_bad_cluster_size_and_stop_timeout_name_the_field() -> None:
         with pytest.raises(ValueError, match=r"timeout.*-1"):
             await server.stop(timeout=-1)
         assert server.is_running
+
+
+async def test_a_port_taken_by_another_server_is_an_error_not_a_false_ready() -> None:
+    """Without the check, the readiness probe met the other server's INFO and reported
+    ready while our own process had exited ("address already in use")."""
+    async with trionats.open_nats_server() as first:
+        with pytest.raises(OSError, match=f"port {first.port} is already in use"):
+            async with trionats.open_nats_server(port=first.port):
+                pass  # pragma: no cover

@@ -379,7 +379,9 @@ def try_append(client: NatsClient, subject: str, reply: str, payload: Any, hdr: 
     if status == _CONNECTED:
         if 0 < limit < pending:
             return MUST_WAIT
-    elif status in (_RECONNECTING, _DISCONNECTED):
+    elif status in (_RECONNECTING, _DISCONNECTED, _CONNECTING):
+        # Lost and coming back (a reconnect passes through CONNECTING while it sends its
+        # CONNECT): buffered, replayed once connected, within pending_size.
         if limit <= 0 or pending + size > limit:
             return RECONNECT_BUFFER_FULL
     else:

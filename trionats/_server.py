@@ -120,6 +120,19 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _can_listen(port: int) -> bool:
+    """Whether a server could listen on ``port`` of 127.0.0.1 now (SO_REUSEADDR, as
+    nats-server binds: a port in TIME_WAIT after our own server's restart is free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((_HOST, port))
+            s.listen(1)
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free and stays free for a server to bind.
 
@@ -308,18 +321,22 @@ class NatsServer:
 
     @property
     def url(self) -> str:
+        """The client URL, ``nats://127.0.0.1:<port>``."""
         return f"nats://{_HOST}:{self.port}"
 
     @property
     def monitor_url(self) -> str | None:
+        """The HTTP monitoring URL (``/varz``, ``/connz``...), or None without monitoring."""
         return None if self.monitor_port is None else f"http://{_HOST}:{self.monitor_port}"
 
     @property
     def is_running(self) -> bool:
+        """True while the process runs (a frozen one included)."""
         return self._process is not None and self._process.returncode is None
 
     @property
     def pid(self) -> int | None:
+        """The process id, or None before the first start."""
         return None if self._process is None else self._process.pid
 
     @property
@@ -386,9 +403,17 @@ class NatsServer:
         return cmd + self.extra_args
 
     async def start(self) -> None:
-        """Start the process (again, on the same port) and wait until it accepts clients."""
+        """Start the process (again, on the same port) and wait until it accepts clients.
+
+        Raises:
+            OSError: the port is already taken by another process (without this check
+                the readiness probe would find that process's server and report ready).
+            TrionatsError: the server exited or did not get ready in time.
+        """
         if self.is_running:
             return
+        if not _can_listen(self.port):
+            raise OSError(f"port {self.port} is already in use on {_HOST}")
         with open(self._log_path, "ab") as log:  # noqa: ASYNC230 - local file, opened once
             self._process = await _spawn(self._command(), log)
         try:
@@ -416,7 +441,7 @@ class NatsServer:
                 with trio.move_on_after(1):
                     data = await stream.receive_some(4096)
                     await stream.aclose()
-                    if data.startswith(b"INFO"):
+                    if data.startswith(b"INFO") and self._process.returncode is None:
                         return
                 await stream.aclose()
         if scope.cancelled_caught:
@@ -464,6 +489,7 @@ class NatsServer:
         self._process = None
 
     def cleanup(self) -> None:
+        """Remove the server's temporary directory (logs, JetStream store)."""
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ the field and shows the value (a URL always redacted: credentials never reach a 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, final, overload
@@ -307,6 +308,7 @@ def check_seconds(
 
 
 SECRET_OPTIONS = frozenset({"password", "token", "nkeys_seed_str"})
+_FILE_OPTIONS = frozenset({"nkeys_seed", "user_credentials"})  # paths, read at connect
 """Options whose value is a secret: never echoed in a message or a repr."""
 
 
@@ -320,7 +322,7 @@ def check_auth_options(prefix: str, options: dict[str, object]) -> None:
 
     Raises:
         TypeError: a wrong type.
-        ValueError: an empty string.
+        ValueError: an empty string, or a seed or creds file that does not exist.
     """
     import ssl  # only here: most callers never pass TLS options
 
@@ -334,7 +336,9 @@ def check_auth_options(prefix: str, options: dict[str, object]) -> None:
         elif field in SECRET_OPTIONS and value is not None and not isinstance(value, str):
             raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
         else:
-            check_str(name, value, allow_none=True)
+            path = check_str(name, value, allow_none=True)
+            if field in _FILE_OPTIONS and path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file: {value!r}")
 
 
 def check_bool(name: str, value: object) -> bool:
