@@ -63,6 +63,8 @@ def test_public_names_are_pinned() -> None:
         "KeyNotFoundError",
         "KeyValue",
         "KvEntry",
+        "PubAckFuture",
+        "Publisher",
     }
     assert expected <= set(trionats.__all__)
     for name in trionats.__all__:

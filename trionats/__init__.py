@@ -37,6 +37,8 @@ from ._jetstream import JsMsg as JsMsg
 from ._jetstream import MsgAlreadyAckedError as MsgAlreadyAckedError
 from ._jetstream import MsgMetadata as MsgMetadata
 from ._jetstream import PubAck as PubAck
+from ._jetstream import PubAckFuture as PubAckFuture
+from ._jetstream import Publisher as Publisher
 from ._jetstream import PullSubscription as PullSubscription
 from ._jetstream import StreamInfo as StreamInfo
 from ._kv import KeyNotFoundError as KeyNotFoundError
@@ -100,6 +102,8 @@ __all__ = [
     "PoolStats",
     "PoolTimeoutError",
     "PubAck",
+    "PubAckFuture",
+    "Publisher",
     "PullSubscription",
     "ReconnectBufferFullError",
     "ServerNotFoundError",

@@ -48,6 +48,8 @@ __all__ = [
     "MsgAlreadyAckedError",
     "MsgMetadata",
     "PubAck",
+    "PubAckFuture",
+    "Publisher",
     "PullSubscription",
     "StreamInfo",
 ]
@@ -860,6 +862,29 @@ class JetStream:
             domain=r.get("domain"),
         )
 
+    def publisher(self, max_pending: int = 256, *, timeout: float | None = None) -> Any:
+        """Asynchronous publishing: ``async with js.publisher(max_pending=...) as pub``.
+
+        See :class:`Publisher`. ``timeout``: seconds each PubAck is waited for (None:
+        this JetStream's timeout).
+        """
+        check_int("max_pending", max_pending, minimum=1)
+        wait = self._timeout if timeout is None else check_seconds("timeout", timeout)
+        return self._publisher(max_pending, wait)
+
+    @asynccontextmanager
+    async def _publisher(self, max_pending: int, timeout: float) -> AsyncIterator[Publisher]:
+        pub = Publisher(self, max_pending, timeout)
+        try:
+            async with trio.open_nursery() as nursery:
+                pub._nursery = nursery
+                try:
+                    yield pub
+                finally:
+                    pub._nursery = None
+        except BaseExceptionGroup as group:
+            _errors.reraise_unwrapped(group, 1)
+
     # -- key-value -------------------------------------------------------------------------
     async def create_key_value(
         self,
@@ -936,3 +961,163 @@ def _decode(data: bytes, what: str) -> dict[str, Any]:
             description=str(err.get("description", "")),
         )
     return r
+
+
+@final
+class PubAckFuture:
+    """The outcome of one :meth:`Publisher.publish`: a PubAck, or why there is none.
+
+    Attributes:
+        subject: the subject published to.
+        msg_id: the message id, or None.
+    """
+
+    __slots__ = ("_ack", "_done", "_error", "msg_id", "subject")
+
+    def __init__(self, subject: str, msg_id: str | None) -> None:
+        self.subject = subject
+        self.msg_id = msg_id
+        self._ack: PubAck | None = None
+        self._error: BaseException | None = None
+        self._done = trio.Event()
+
+    @property
+    def done(self) -> bool:
+        """True once the server answered, or the wait for its answer ended."""
+        return self._done.is_set()
+
+    async def result(self) -> PubAck:
+        """Wait for the outcome.
+
+        Raises:
+            JetStreamError: the server refused the message (nothing stored).
+            trionats.TimeoutError: no PubAck in time: the message may or may not be
+                stored (publish it again with the same ``msg_id`` to be sure).
+            trionats.ConnectionClosedError: the connection closed before the PubAck.
+        """
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._ack is not None
+        return self._ack
+
+
+@final
+class Publisher:
+    """Asynchronous JetStream publishing with at most ``max_pending`` acks outstanding.
+
+    ``async with js.publisher(max_pending=256) as pub: fut = await pub.publish(...)``.
+    ``publish`` returns once the message is queued (a cancelled ``publish`` sent nothing)
+    and waits first while ``max_pending`` acks are outstanding. Leaving the block waits
+    for every outstanding PubAck, each at most ``timeout`` seconds, even when the block
+    is left by a cancel (shielded, bounded): every future is resolved, so a cancel never
+    hides whether a message was stored.
+    """
+
+    def __init__(self, js: JetStream, max_pending: int, timeout: float) -> None:
+        self._js = js
+        self._limit = trio.Semaphore(max_pending)
+        self._timeout = timeout
+        self._nursery: trio.Nursery | None = None
+        self.futures: list[PubAckFuture] = []
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes = b"",
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PubAckFuture:
+        """Queue ``data`` for the stream capturing ``subject``; returns its future.
+
+        Raises:
+            ValueError / TypeError: bad subject, data, msg_id or headers.
+        """
+        await checkpoint_if_cancelled()
+        check_publish_subject(subject)
+        if type(data) is not bytes:
+            check_data(data)
+        hdrs: dict[str, str] = {}
+        if headers is not None:
+            check_headers(headers)
+            hdrs.update(headers)
+        if msg_id is not None:
+            if not isinstance(msg_id, str) or not msg_id:
+                raise (TypeError if not isinstance(msg_id, str) else ValueError)(
+                    f"msg_id must be a non-empty str, got {msg_id!r}"
+                )
+            hdrs["Nats-Msg-Id"] = msg_id
+        nursery = self._nursery
+        if nursery is None:
+            raise _errors.TrionatsError("the publisher's block has ended")
+        await self._limit.acquire()
+        try:
+            conn = self._js._conn
+            conn._check_open()
+            router = conn._router or await conn._ensure_router()
+            from ._request import _Pending
+
+            token = "p" + str(next(conn._tokens))
+            pending = _Pending()
+            router.waiting[token] = pending
+            try:
+                await conn._publish(subject, data, router.prefix + token, hdrs or None)
+            except BaseException:
+                router.waiting.pop(token, None)
+                raise
+        except BaseException:
+            self._limit.release()
+            raise
+        future = PubAckFuture(subject, msg_id)
+        self.futures.append(future)
+        nursery.start_soon(self._wait_ack, router, token, pending, future)
+        return future
+
+    async def _wait_ack(self, router: Any, token: str, pending: Any, future: PubAckFuture) -> None:
+        conn = self._js._conn
+        timer = router.timer
+        timed = False
+        try:
+            with trio.CancelScope(shield=True):  # bounded by the timer below
+                if pending.msg is None and pending.error is None:
+                    pending.task = trio.lowlevel.current_task()
+                    timer.add(pending, self._timeout)
+                    timed = True
+
+                    def abort(_: Any) -> trio.lowlevel.Abort:
+                        pending.task = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            router.waiting.pop(token, None)
+            pending.active = False
+            if timed:
+                timer.finished()
+            self._limit.release()
+        msg = pending.msg
+        pending.msg = None
+        try:
+            if msg is None:
+                if pending.error is not None or conn._closed:
+                    raise _errors.ConnectionClosedError(
+                        "the connection closed before the PubAck came"
+                    )
+                raise _errors.TimeoutError(
+                    f"no PubAck for {future.subject!r} within {self._timeout} s "
+                    "(the message may be stored)"
+                )
+            headers = msg.headers
+            if headers is not None and headers.get(_STATUS) == "503" and not msg.data:
+                raise JetStreamError(f"no stream captures {future.subject!r}", code=503)
+            r = _decode(msg.data, "publish")
+            future._ack = PubAck(
+                stream=r.get("stream", ""),
+                seq=int(r.get("seq", 0)),
+                duplicate=bool(r.get("duplicate", False)),
+                domain=r.get("domain"),
+            )
+        except _errors.TrionatsError as exc:
+            future._error = exc
+        future._done.set()
