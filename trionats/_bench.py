@@ -31,9 +31,10 @@ from ._errors import TrionatsError
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
+    from ._jetstream import JsMsg
     from ._msg import Msg
 
-__all__ = ["SCENARIOS", "BenchConfig", "BenchError", "run_bench"]
+__all__ = ["ALL_SCENARIOS", "JS_SCENARIOS", "SCENARIOS", "BenchConfig", "BenchError", "run_bench"]
 
 
 class BenchError(TrionatsError):
@@ -44,7 +45,13 @@ class BenchError(TrionatsError):
 
 
 SCENARIOS = ("publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms")
+#: Opt-in (``--scenario js_publish`` ...), not in the default run: they need a server with
+#: JetStream and file storage, and a synchronous JetStream publish is slow.
+JS_SCENARIOS = ("js_publish", "js_publish_async", "js_consume")
+ALL_SCENARIOS = SCENARIOS + JS_SCENARIOS
 WARMUP = 1000
+JS_WARMUP = 100
+JS_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,8 @@ class BenchConfig:
 
     ``count`` is the number of messages for publish, pubsub and subscriber; request and
     pool run ``count // 5`` (at least ``concurrency``), subscriber_1ms ``count // 20``
-    (between 100 and 5,000): see :meth:`count_for`.
+    (between 100 and 5,000), js_publish ``count // 10`` (at least 100), js_publish_async
+    and js_consume ``count // 4`` (at least 256): see :meth:`count_for`.
     """
 
     count: int = 100_000
@@ -75,7 +83,16 @@ class BenchConfig:
             return max(self.concurrency, self.count // 5)
         if scenario == "subscriber_1ms":
             return max(100, min(self.count // 20, 5000))
+        if scenario == "js_publish":
+            return max(100, self.count // 10)
+        if scenario in ("js_publish_async", "js_consume"):
+            return max(JS_BATCH, self.count // 4)
         return self.count
+
+
+def _js_stream_name(scenario: str, side: str) -> str:
+    """A fresh stream per run: its name is unique to this process and this moment."""
+    return f"BENCH_{scenario}_{side}_{os.getpid()}_{time.monotonic_ns()}".upper()
 
 
 def _latency_figures(rate: float, latencies: list[float]) -> dict[str, float]:
@@ -259,7 +276,64 @@ def raw_scenario(
         await subc.close()
         return {"rate": count / dt}
 
+    async def js_publish(batched: bool) -> dict[str, Any]:
+        # sync: await each PubAck; batched: publish_async, gathered every JS_BATCH
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        stream = _js_stream_name(scenario, "raw")
+        subject = f"{stream.lower()}.x"
+        await js.add_stream(name=stream, subjects=[subject])
+        for _ in range(JS_WARMUP):
+            await js.publish(subject, payload)
+        t0 = time.perf_counter()
+        if batched:
+            futures: list[Any] = []
+            for _ in range(count):
+                futures.append(await js.publish_async(subject, payload))
+                if len(futures) == JS_BATCH:
+                    await asyncio.gather(*futures)
+                    futures.clear()
+            await asyncio.gather(*futures)
+        else:
+            for _ in range(count):
+                await js.publish(subject, payload)
+        dt = time.perf_counter() - t0
+        await js.delete_stream(stream)
+        await nc.close()
+        return {"rate": count / dt}
+
+    async def js_consume() -> dict[str, Any]:
+        # pull_subscribe_bind + fetch(JS_BATCH) + manual ack, on a filled stream
+        from nats.js.api import AckPolicy
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        stream = _js_stream_name(scenario, "raw")
+        subject = f"{stream.lower()}.x"
+        await js.add_stream(name=stream, subjects=[subject])
+        futures = [await js.publish_async(subject, payload) for _ in range(count)]
+        await asyncio.gather(*futures)
+        await js.add_consumer(
+            stream, durable_name="bench", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1000
+        )
+        psub = await js.pull_subscribe_bind("bench", stream)
+        handled = 0
+        t0 = time.perf_counter()
+        while handled < count:
+            msgs = await psub.fetch(min(JS_BATCH, count - handled), timeout=30)
+            for m in msgs:
+                await m.ack()
+                handled += 1
+        await nc.flush()
+        dt = time.perf_counter() - t0
+        await js.delete_stream(stream)
+        await nc.close()
+        return {"rate": count / dt}
+
     runs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
+        "js_publish": functools.partial(js_publish, False),
+        "js_publish_async": functools.partial(js_publish, True),
+        "js_consume": js_consume,
         "publish": publish,
         "pubsub": pubsub,
         "request": request,
@@ -338,6 +412,10 @@ async def trionats_scenario(
 
     if scenario == "pool":
         return await _trionats_pool(url, count, payload, concurrency)
+    if scenario in ("js_publish", "js_publish_async"):
+        return await _trionats_js_publish(url, count, payload, scenario)
+    if scenario == "js_consume":
+        return await _trionats_js_consume(url, count, payload)
     if scenario in ("subscriber", "subscriber_1ms"):
         return await _trionats_subscriber(
             url, count, payload, 0.001 if scenario == "subscriber_1ms" else 0.0
@@ -450,6 +528,104 @@ async def _trionats_subscriber(
             await done.wait()
         dt = time.perf_counter() - t0
         return {"rate": count / dt, "dropped": subscriber.stats().dropped}
+
+
+async def _trionats_js_publish(
+    url: str, count: int, payload: bytes, scenario: str
+) -> dict[str, Any]:
+    """``await js.publish`` per message (js_publish), or ``js.publisher(max_pending=256)``
+    (js_publish_async), on a fresh file stream; the block's exit (every PubAck) is timed."""
+    from ._connect import open_connection
+
+    stream = _js_stream_name(scenario, "trionats")
+    subject = f"{stream.lower()}.x"
+    async with open_connection(url) as nc:
+        js = nc.jetstream()
+        await js.add_stream(stream, [subject])
+        try:
+            for _ in range(JS_WARMUP):
+                await js.publish(subject, payload)
+            t0 = time.perf_counter()
+            if scenario == "js_publish_async":
+                async with js.publisher(max_pending=JS_BATCH) as pub:
+                    for _ in range(count):
+                        await pub.publish(subject, payload)
+            else:
+                for _ in range(count):
+                    await js.publish(subject, payload)
+            dt = time.perf_counter() - t0
+        finally:
+            await js.delete_stream(stream)
+    return {"rate": count / dt}
+
+
+async def _trionats_js_consume(url: str, count: int, payload: bytes) -> dict[str, Any]:
+    """``open_subscriber(max_workers=256)`` + ``start_jetstream`` with a no-op handler on a
+    filled file stream; timed until the last handler ran and the acks were flushed."""
+    import trio
+
+    from ._connect import open_connection
+    from ._subscriber import SubscriberConfig, open_subscriber
+
+    stream = _js_stream_name("js_consume", "trionats")
+    subject = f"{stream.lower()}.x"
+    done = trio.Event()
+    handled = 0
+
+    async def handler(msg: JsMsg) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == count:
+            done.set()
+
+    async with open_connection(url) as nc:
+        js = nc.jetstream()
+        await js.add_stream(stream, [subject])
+        try:
+            async with js.publisher(max_pending=JS_BATCH) as pub:
+                for _ in range(count):
+                    await pub.publish(subject, payload)
+            await js.add_consumer(stream, "bench", max_ack_pending=1000)
+            async with open_subscriber(nc, SubscriberConfig(max_workers=JS_BATCH)) as subscriber:
+                t0 = time.perf_counter()
+                await subscriber.start_jetstream(stream, "bench", handler)
+                with trio.fail_after(300):
+                    await done.wait()
+                await nc.flush()
+                dt = time.perf_counter() - t0
+        finally:
+            await js.delete_stream(stream)
+    return {"rate": count / dt}
+
+
+async def check_jetstream(url: str, timeout: float = 5.0) -> None:
+    """Fail with one clear line when the server at ``url`` has no JetStream.
+
+    Raises:
+        BenchError: no answer to ``$JS.API.INFO`` (JetStream is off) or an error reply.
+    """
+    from ._connect import open_connection
+    from ._errors import NoRespondersError
+    from ._errors import TimeoutError as NatsTimeoutError
+    from ._validate import parse_server_url
+
+    display = parse_server_url(url, "url").display
+    off = (
+        f"the server at {display} has no JetStream: the js_* scenarios need one started "
+        "with -js (trionats server --jetstream)"
+    )
+    async with open_connection(url) as nc:
+        try:
+            reply = await nc.request("$JS.API.INFO", b"", timeout=timeout)
+        except (NoRespondersError, NatsTimeoutError):
+            raise BenchError(off) from None
+    try:
+        info = json.loads(reply.data)
+    except ValueError:
+        raise BenchError(off) from None
+    if not isinstance(info, dict) or "error" in info:
+        error = info.get("error", {}) if isinstance(info, dict) else {}
+        raise BenchError(f"{off} ({error.get('description', 'no account info')})")
 
 
 # ------------------------------------------------------------ C client (ceiling) --
@@ -716,9 +892,13 @@ async def run_bench(
         BenchError: nothing answers at ``url``, or a child failed (with its stderr).
     """
     for scenario in scenarios:
-        if scenario not in SCENARIOS:
-            raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+        if scenario not in ALL_SCENARIOS:
+            raise ValueError(
+                f"unknown scenario {scenario!r}; choose from {', '.join(ALL_SCENARIOS)}"
+            )
     await check_server(url)
+    if any(scenario in JS_SCENARIOS for scenario in scenarios):
+        await check_jetstream(url)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         s: {"trionats": [], "raw": []} for s in scenarios
     }

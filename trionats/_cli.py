@@ -344,8 +344,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     p_bench.add_argument(
         "--scenario",
         action="append",
-        choices=["publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms"],
-        help="repeat to pick several (default: all)",
+        choices=[
+            "publish",
+            "pubsub",
+            "request",
+            "pool",
+            "subscriber",
+            "subscriber_1ms",
+            "js_publish",
+            "js_publish_async",
+            "js_consume",
+        ],
+        help="repeat to pick several (default: all but the JetStream ones, js_publish, "
+        "js_publish_async and js_consume, which are opt-in and need a server with "
+        "JetStream)",
     )
     size_group = p_bench.add_mutually_exclusive_group()
     size_group.add_argument("--count", type=int, default=100_000, help="messages per run")
