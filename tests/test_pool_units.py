@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -179,14 +180,16 @@ def test_pool_config_secret_of_the_wrong_type_is_not_echoed(field: str) -> None:
     assert "hunter2" not in str(info.value)
 
 
-def test_pool_config_repr_hides_secrets() -> None:
+def test_pool_config_repr_hides_secrets(tmp_path: Path) -> None:
+    seed_file = tmp_path / "seed.nk"
+    seed_file.write_text("not read by PoolConfig, only checked to exist")
     c = PoolConfig(
         servers=["nats://alice:pw-in-url@a:1", "nats://tok-in-url@b:2"],
         user="alice",
         password="hunter2",
         token="tok-3",
         nkeys_seed_str="SUAseed",
-        nkeys_seed="/etc/seed.nk",
+        nkeys_seed=str(seed_file),
     )
     text = repr(c)
     for secret in ("hunter2", "tok-3", "SUAseed", "pw-in-url", "tok-in-url"):
@@ -197,7 +200,7 @@ def test_pool_config_repr_hides_secrets() -> None:
     assert "nkeys_seed_str='***'" in text
     assert "ServerURL('nats://***@a:1')" in text
     assert "user='alice'" in text
-    assert "nkeys_seed='/etc/seed.nk'" in text
+    assert f"nkeys_seed={str(seed_file)!r}" in text  # a path, not a secret
     assert "password=None" in repr(PoolConfig(servers=["a:1"]))
     # the real URLs still reach the dialer
     assert [s.url for s in c.servers] == ["nats://alice:pw-in-url@a:1", "nats://tok-in-url@b:2"]
