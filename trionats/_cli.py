@@ -221,7 +221,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="trionats-bench-"))
             c_binary = await build_c_client(workdir) if args.with_c else None
             if url is None:
-                server = await stack.enter_async_context(open_nats_server())
+                server = await stack.enter_async_context(open_nats_server(jetstream=True))
                 url = server.url
                 started(f"embedded nats-server at {url}", server.pid or 0)
             report = await run_bench(
