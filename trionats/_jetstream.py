@@ -99,6 +99,25 @@ class AckPolicy(enum.Enum):
     MANUAL = "manual"
 
 
+def _publish_headers(
+    subject: object, data: object, headers: object, msg_id: object
+) -> dict[str, str]:
+    """Check a JetStream publish's subject, data, headers and ``msg_id``; its headers."""
+    check_publish_subject(subject)
+    if type(data) is not bytes:
+        check_data(data)
+    hdrs: dict[str, str] = {}
+    if headers is not None:
+        hdrs.update(check_headers(headers) or {})
+    if msg_id is not None:
+        if not isinstance(msg_id, str) or not msg_id:
+            raise (TypeError if not isinstance(msg_id, str) else ValueError)(
+                f"msg_id must be a non-empty str, got {msg_id!r}"
+            )
+        hdrs["Nats-Msg-Id"] = msg_id
+    return hdrs
+
+
 def _check_name(field: str, value: object) -> str:
     """A stream or consumer name: a non-empty str without ``.``, ``*``, ``>`` or spaces."""
     if not isinstance(value, str):
@@ -825,19 +844,7 @@ class JetStream:
             trionats.TimeoutError: no PubAck in time (the message may be stored).
         """
         await checkpoint_if_cancelled()
-        check_publish_subject(subject)
-        if type(data) is not bytes:
-            check_data(data)
-        hdrs: dict[str, str] = {}
-        if headers is not None:
-            check_headers(headers)
-            hdrs.update(headers)
-        if msg_id is not None:
-            if not isinstance(msg_id, str) or not msg_id:
-                raise (TypeError if not isinstance(msg_id, str) else ValueError)(
-                    f"msg_id must be a non-empty str, got {msg_id!r}"
-                )
-            hdrs["Nats-Msg-Id"] = msg_id
+        hdrs = _publish_headers(subject, data, headers, msg_id)
         if expected_last_seq is not None:
             seq = check_int("expected_last_seq", expected_last_seq, minimum=0)
             hdrs["Nats-Expected-Last-Sequence"] = str(seq)
@@ -1035,19 +1042,7 @@ class Publisher:
             ValueError / TypeError: bad subject, data, msg_id or headers.
         """
         await checkpoint_if_cancelled()
-        check_publish_subject(subject)
-        if type(data) is not bytes:
-            check_data(data)
-        hdrs: dict[str, str] = {}
-        if headers is not None:
-            check_headers(headers)
-            hdrs.update(headers)
-        if msg_id is not None:
-            if not isinstance(msg_id, str) or not msg_id:
-                raise (TypeError if not isinstance(msg_id, str) else ValueError)(
-                    f"msg_id must be a non-empty str, got {msg_id!r}"
-                )
-            hdrs["Nats-Msg-Id"] = msg_id
+        hdrs = _publish_headers(subject, data, headers, msg_id)
         nursery = self._nursery
         if nursery is None:
             raise _errors.TrionatsError("the publisher's block has ended")

@@ -460,6 +460,44 @@ def _header_text(exc: BaseException) -> str:
     return text[:_MAX_ERROR_HEADER]
 
 
+class _Stoppable(Protocol):
+    """What :func:`_stop_handle` needs of a handle (core and JetStream alike)."""
+
+    _done: trio.Event
+    _subscriber: Subscriber
+
+    def _request_stop(self, deadline: float) -> None: ...
+
+    def _warn_stuck(self, who: str) -> None: ...
+
+
+async def _stop_handle(handle: _Stoppable, timeout: float | _Default | None) -> None:
+    """The one ``stop(timeout)`` of every handle: see :meth:`SubscriptionHandle.stop`.
+
+    Waits until the handle is stopped, at most ``_CANCEL_GRACE`` after its handlers were
+    cancelled; a cancelled caller finishes the stop (no grace left), then propagates.
+    """
+    if timeout is _DEFAULT:
+        timeout = handle._subscriber._config.stop_timeout
+    else:
+        timeout = check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
+    own = math.inf if timeout is None else trio.current_time() + timeout
+    deadline = min(own, trio.current_effective_deadline())
+    handle._request_stop(deadline)
+    try:
+        with trio.move_on_at(deadline + _CANCEL_GRACE):
+            await handle._done.wait()
+    except trio.Cancelled:
+        handle._request_stop(-math.inf)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_GRACE):
+            await handle._done.wait()
+        if not handle._done.is_set():
+            handle._warn_stuck("handle.stop() (cancelled)")
+        raise
+    if not handle._done.is_set():
+        handle._warn_stuck("handle.stop()")
+
+
 @final
 class SubscriptionHandle:
     """One running subscription of a :class:`Subscriber`; returned by ``start``.
@@ -543,14 +581,7 @@ class SubscriptionHandle:
             ...
             await handle.stop(timeout=2)
         """
-        if timeout is _DEFAULT:
-            timeout = self._subscriber._config.stop_timeout
-        else:
-            timeout = check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
-        own = math.inf if timeout is None else trio.current_time() + timeout
-        deadline = min(own, trio.current_effective_deadline())
-        self._request_stop(deadline)
-        await self._wait_stopped(deadline)
+        await _stop_handle(self, timeout)
 
     def __repr__(self) -> str:
         return (
@@ -567,22 +598,6 @@ class SubscriptionHandle:
         if self._workers is not None:
             scope = self._workers.cancel_scope
             scope.deadline = min(scope.deadline, deadline)
-
-    async def _wait_stopped(self, deadline: float) -> None:
-        """Wait until stopped; at most ``_CANCEL_GRACE`` after handlers are cancelled."""
-        try:
-            with trio.move_on_at(deadline + _CANCEL_GRACE):
-                await self._done.wait()
-        except trio.Cancelled:
-            # Our caller is cancelled: no grace left. Finish the stop, then propagate.
-            self._request_stop(-math.inf)
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_GRACE):
-                await self._done.wait()
-            if not self._done.is_set():
-                self._warn_stuck("handle.stop() (cancelled)")
-            raise
-        if not self._done.is_set():
-            self._warn_stuck("handle.stop()")
 
     def _warn_stuck(self, who: str) -> None:
         """Log the handlers that did not end although they were cancelled."""
@@ -892,25 +907,7 @@ class JetStreamHandle:
                 once; None: no deadline of its own). Defaults to the subscriber's
                 ``stop_timeout``.
         """
-        if timeout is _DEFAULT:
-            timeout = self._subscriber._config.stop_timeout
-        else:
-            timeout = check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
-        own = math.inf if timeout is None else trio.current_time() + timeout
-        deadline = min(own, trio.current_effective_deadline())
-        self._request_stop(deadline)
-        try:
-            with trio.move_on_at(deadline + _CANCEL_GRACE):
-                await self._done.wait()
-        except trio.Cancelled:
-            self._request_stop(-math.inf)
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_GRACE):
-                await self._done.wait()
-            if not self._done.is_set():
-                self._warn_stuck("handle.stop() (cancelled)")
-            raise
-        if not self._done.is_set():
-            self._warn_stuck("handle.stop()")
+        await _stop_handle(self, timeout)
 
     def __repr__(self) -> str:
         return (
