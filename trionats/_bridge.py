@@ -238,7 +238,7 @@ def step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
 
     Returns ``(True, result)`` when it completed (the usual case: nats-py's command
     coroutines only append to a buffer), or ``(False, yielded)`` when it suspended; the
-    caller then finishes it with :func:`finish_in_asyncio` or ``_resume`` in a task, or
+    caller then finishes it with ``_resume`` in an asyncio task, or
     closes it. nats-py exceptions are translated.
     """
     try:
