@@ -17,30 +17,9 @@ import time
 
 import pytest
 import trio
+from test_server_lifetime import process_gone, wait_gone
 
 from trionats._bench import BenchError, _raw_command, _run_child
-
-
-def process_gone(pid: int) -> bool:
-    """No such pid, or a zombie left for its reaper (an orphan is reaped by init)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-    return state in ("Z", "X")
-
-
-async def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Poll (bounded) until every pid is gone; returns those still alive at the deadline."""
-    with trio.move_on_after(timeout):
-        while not all(process_gone(pid) for pid in pids):  # noqa: ASYNC110 - bounded poll
-            await trio.sleep(0.01)
-    return [pid for pid in pids if not process_gone(pid)]
 
 
 def _default_sigint() -> None:

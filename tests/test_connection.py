@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -408,23 +407,14 @@ async def test_open_connection_inside_existing_trio_asyncio_loop(nats_url: str) 
 
 @asynccontextmanager
 async def _frozen(server: trionats.NatsServer) -> AsyncIterator[None]:
-    """SIGSTOP the server for the block (it answers nothing: no PONG), SIGCONT after."""
-    assert server._process is not None
-    pid = server._process.pid
-    server._process.send_signal(signal.SIGSTOP)
+    """The server frozen (SIGSTOP: it answers nothing, no PONG) for the block, thawed after
+    (the harness's ``freeze``/``thaw``; a server the block killed stays dead)."""
+    await server.freeze()
     try:
-        with trio.fail_after(5):  # bounded polling until the kernel has stopped it
-            while _process_state(pid) != "T":  # noqa: ASYNC110
-                await trio.sleep(0.001)
         yield
     finally:
-        if server._process is not None:  # the block may have killed it
-            server._process.send_signal(signal.SIGCONT)
-
-
-def _process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+        with trio.CancelScope(shield=True):
+            await server.thaw()
 
 
 async def _flush_must_fail_fast(nc: trionats.Connection, outcome: list[str], match: str) -> None:

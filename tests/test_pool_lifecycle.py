@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import signal
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -35,32 +34,14 @@ if TYPE_CHECKING:
 LEASE_ENDED = r"lease has ended \(borrow block exited\)"
 
 
-def _process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 @asynccontextmanager
 async def freezer(server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """Yields ``freeze()``: SIGSTOP the server (it then answers nothing); SIGCONT at exit."""
-    assert server._process is not None
-    pid = server._process.pid
-    frozen = False
-
-    async def freeze() -> None:
-        nonlocal frozen
-        assert server._process is not None
-        server._process.send_signal(signal.SIGSTOP)
-        frozen = True
-        with trio.fail_after(5):  # bounded polling until the kernel has stopped it
-            while _process_state(pid) != "T":  # noqa: ASYNC110
-                await trio.sleep(0.001)
-
+    """Yields ``freeze()`` (the harness's ``server.freeze``); the server thawed at exit."""
     try:
-        yield freeze
+        yield server.freeze
     finally:
-        if frozen and server._process is not None:
-            server._process.send_signal(signal.SIGCONT)
+        with trio.CancelScope(shield=True):
+            await server.thaw()
 
 
 # -- the close deadline ---------------------------------------------------------------

@@ -4,8 +4,6 @@ cancellation, ``timeout=None`` (no deadline of its own), and a frozen server."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -13,6 +11,7 @@ import pytest
 import trio
 
 import trionats
+from trionats._server import _all_threads_stopped
 from trionats._subscriber import SubscriberConfig, SubscriberStats, open_subscriber
 
 LOGGER = "trionats.subscriber"
@@ -252,32 +251,15 @@ async def test_start_timeout_none_means_no_deadline_of_its_own(nats_url: str) ->
 # -- 7. a frozen server: every wait is bounded ---------------------------------------------
 
 
-async def freeze(server: trionats.NatsServer) -> int:
-    """SIGSTOP the server (it answers nothing until thawed); returns its pid."""
-    pid = server.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
-    with trio.fail_after(5):  # bounded polling until the kernel has stopped it
-        while process_state(pid) != "T":  # noqa: ASYNC110
-            await trio.sleep(0.001)
-    return pid
-
-
 @asynccontextmanager
 async def frozen(server: trionats.NatsServer) -> AsyncIterator[None]:
-    """The server frozen for the block, thawed (SIGCONT) after."""
-    pid = server.pid
-    assert pid is not None
+    """The server frozen for the block (the harness's ``freeze``), thawed after."""
+    await server.freeze()
     try:
-        await freeze(server)
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
-
-
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+        with trio.CancelScope(shield=True):
+            await server.thaw()
 
 
 async def test_start_on_a_frozen_server_times_out(nats_server: trionats.NatsServer) -> None:
@@ -320,8 +302,6 @@ async def test_stop_and_leaving_the_block_on_a_frozen_server_are_bounded(
     async def forever(msg: trionats.Msg) -> None:
         await trio.sleep_forever()
 
-    pid = nats_server.pid
-    assert pid is not None
     async with (
         trionats.open_connection(nats_server.url) as nc,
         trionats.open_connection(nats_server.url) as pub,
@@ -333,16 +313,18 @@ async def test_stop_and_leaving_the_block_on_a_frozen_server_are_bounded(
                 await publish_n(pub, "frozen.first", 1)
                 await publish_n(pub, "frozen.second", 1)
                 await wait_until(lambda: subscriber.stats().in_flight == 2)
-                await freeze(nats_server)  # until after the subscriber's exit
+                await nats_server.freeze()  # until after the subscriber's exit
                 start = trio.current_time()
                 await first.stop(timeout=0.2)
                 assert 0.2 <= trio.current_time() - start < 0.2 + 1.0
                 assert first.stopped
                 exit_started = trio.current_time()
             assert trio.current_time() - exit_started < 0.2 + 1.0  # stop_timeout, not more
-            assert process_state(pid) == "T"  # still frozen
+            assert nats_server.pid is not None
+            assert _all_threads_stopped(nats_server.pid)  # still frozen (read from /proc)
         finally:
-            os.kill(pid, signal.SIGCONT)
+            with trio.CancelScope(shield=True):
+                await nats_server.thaw()
         assert second.stopped
         s = subscriber.stats()
         assert (s.cancelled, s.in_flight, s.active) == (2, 0, 0)

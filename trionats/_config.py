@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolConfig"]
 
-_SECRETS = SECRET_OPTIONS
-
 
 @final
 @dataclass(frozen=True, slots=True, init=False, repr=False)
@@ -197,7 +195,7 @@ class PoolConfig:
         parts = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in _SECRETS and value is not None:
+            if f.name in SECRET_OPTIONS and value is not None:
                 parts.append(f"{f.name}='***'")
             else:
                 parts.append(f"{f.name}={value!r}")

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, final, overload
+from typing import TYPE_CHECKING, Literal, final, overload
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ __all__ = [
     "check_headers",
     "check_int",
     "check_number",
-    "check_positive",
     "check_publish_subject",
     "check_queue",
     "check_seconds",
@@ -380,14 +379,6 @@ def check_str(
     if not value and not allow_empty:
         raise ValueError(f"{name} must not be empty, got {value!r}")
     return value
-
-
-def check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
-    """``value`` must be a finite number > 0 (or None where allowed).
-
-    Kept for the modules that call it; the same rules as :func:`check_seconds`.
-    """
-    check_seconds(name, value, allow_none=allow_none)
 
 
 # -- server URLs: the one parser ---------------------------------------------------------
