@@ -79,7 +79,6 @@ __all__ = [
     "loop_scope",
     "max_payload",
     "new_client",
-    "pending_bytes",
     "run_aio",
     "send_ping",
     "send_unsub_nowait",
@@ -523,11 +522,6 @@ def send_unsub_nowait(client: NatsClient, nats_sub: Any) -> None:
 def max_payload(client: NatsClient) -> int:
     """The largest message (headers + payload) the server accepts, from its INFO."""
     return int(client._max_payload)
-
-
-def pending_bytes(client: NatsClient) -> int:
-    """Bytes in the outgoing buffer, not yet written to the socket."""
-    return int(client._pending_data_size)
 
 
 def is_connecting(client: NatsClient) -> bool:
