@@ -39,6 +39,7 @@ async def test_killed_node_fails_over_and_queue_work_continues(
 ) -> None:
     options = {"reconnect_time_wait": 0.1, "connect_timeout": 5.0}
     answered: dict[int, int] = {0: 0, 1: 0, 2: 0}
+    subscribed = [trio.Event() for _ in range(3)]
     async with (
         trionats.open_connection(nats_cluster[0].url, **options) as w0,
         trionats.open_connection(nats_cluster[1].url, **options) as w1,
@@ -50,6 +51,7 @@ async def test_killed_node_fails_over_and_queue_work_continues(
 
         async def worker(index: int, nc: trionats.Connection) -> None:
             async with nc.subscribe("work", queue="workers") as sub:
+                subscribed[index].set()
                 async for msg in sub:
                     answered[index] += 1
                     with contextlib.suppress(trionats.TrionatsError):
@@ -57,6 +59,11 @@ async def test_killed_node_fails_over_and_queue_work_continues(
 
         for index, nc in enumerate((w0, w1, w2)):
             nursery.start_soon(worker, index, nc)
+        # every worker's SUB was flushed to its node before any node dies (a kill during
+        # that flush is a ConnectionClosedError by contract, not what this test is about)
+        with trio.fail_after(10):
+            for event in subscribed:
+                await event.wait()
         # the queue subscriptions have propagated over the routes when requests succeed
         with trio.fail_after(10):
             while True:
