@@ -44,6 +44,7 @@ from ._jetstream import StreamInfo as StreamInfo
 from ._kv import KeyNotFoundError as KeyNotFoundError
 from ._kv import KeyValue as KeyValue
 from ._kv import KvEntry as KvEntry
+from ._metrics import LatencySnapshot as LatencySnapshot
 from ._msg import Msg as Msg
 from ._pool import CloseReason as CloseReason
 from ._pool import CloseStats as CloseStats
@@ -90,6 +91,7 @@ __all__ = [
     "KeyNotFoundError",
     "KeyValue",
     "KvEntry",
+    "LatencySnapshot",
     "LeaseExpiredError",
     "Msg",
     "MsgAlreadyAckedError",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from ._backoff import backoff_delay
 from ._errors import PoolClosedError
+from ._metrics import EMPTY, Histogram, LatencySnapshot
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -137,6 +138,8 @@ class PoolStats:
         timeouts: borrows that failed with :class:`trionats.PoolTimeoutError`.
         leaks_detected: leases held past ``leak_timeout`` (each counted once).
         closing: True once the pool is shutting down.
+        wait_time: the time queued borrows waited, as a histogram (p50/p90/p99/max; see
+            :class:`trionats.LatencySnapshot` for the error bound).
     """
 
     servers: tuple[ServerStats, ...]
@@ -155,6 +158,7 @@ class PoolStats:
     timeouts: int
     leaks_detected: int
     closing: bool
+    wait_time: LatencySnapshot = EMPTY
 
 
 @final
@@ -353,6 +357,7 @@ class PoolCore(Generic[C]):
         self.waits = 0
         self.wait_time_total = 0.0
         self.wait_time_max = 0.0
+        self.wait_times = Histogram()
         self.timeouts = 0
         self.leaks_detected = 0
 
@@ -443,6 +448,7 @@ class PoolCore(Generic[C]):
             waits=self.waits,
             wait_time_total=self.wait_time_total,
             wait_time_max=self.wait_time_max,
+            wait_time=self.wait_times.snapshot(),
             timeouts=self.timeouts,
             leaks_detected=self.leaks_detected,
             closing=self.closing,
@@ -513,6 +519,7 @@ class PoolCore(Generic[C]):
         self.wait_time_total += waited
         if waited > self.wait_time_max:
             self.wait_time_max = waited
+        self.wait_times.record(waited)
 
     def _assign_waiters(self, now: float) -> None:
         """Hand what is available to the waiters, first come first served."""

@@ -45,6 +45,7 @@ import functools
 import inspect
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from trio.lowlevel import ParkingLot
 
 from . import _errors
 from ._jetstream import AckPolicy, JsMsg, PullSubscription, _check_name
+from ._metrics import EMPTY, Histogram, LatencySnapshot, merged_snapshot
 from ._validate import (
     check_bool,
     check_int,
@@ -166,6 +168,8 @@ class SubscriberConfig:
         stop_timeout: grace period, in seconds, that leaving ``open_subscriber`` (and
             ``handle.stop()`` without a timeout) gives in-flight handlers (None: no
             deadline of its own, only the enclosing cancel scopes).
+        metrics: time every handler run into ``SubscriberStats.handler_duration`` (two
+            clock reads and a histogram update per message; False turns that off).
 
     Raises:
         TypeError: a field has the wrong type (``max_workers="x"``); the message names the
@@ -182,10 +186,12 @@ class SubscriberConfig:
     pending_bytes: int = 256 * 1024 * 1024
     handler_timeout: float | None = None
     stop_timeout: float | None = 5.0
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "pending_msgs", "pending_bytes"):
             check_int(f"SubscriberConfig.{name}", getattr(self, name), minimum=1)
+        check_bool("SubscriberConfig.metrics", self.metrics)
         handler_timeout = check_seconds(
             "SubscriberConfig.handler_timeout", self.handler_timeout, allow_none=True
         )
@@ -222,6 +228,9 @@ class SubscriberStats:
         connection_error: the most recent error the connection reported (the server's
             ``-ERR`` reason, for one, when it closed the connection), as text with any
             credentials redacted; None when it reported none.
+        handler_duration: how long handler runs took (every outcome), as a histogram:
+            count, p50/p90/p99/max (see :class:`trionats.LatencySnapshot` for the error
+            bound); empty when ``SubscriberConfig.metrics`` is off.
     """
 
     received: int
@@ -235,6 +244,7 @@ class SubscriberStats:
     pending_bytes: int
     active: int
     connection_error: str | None = None
+    handler_duration: LatencySnapshot = EMPTY
 
 
 class _Source(Protocol):
@@ -273,6 +283,7 @@ class _HandleCore:
     __slots__ = (
         "cancelled",
         "discarded",
+        "durations",
         "failed",
         "in_flight",
         "max_workers",
@@ -294,6 +305,7 @@ class _HandleCore:
         self.cancelled = 0
         self.discarded = 0  # taken from the buffer at stop, never handled
         self.reserved = 0  # slots promised to messages requested (JetStream pulls)
+        self.durations = Histogram()
 
     def stats(self, connection_error: str | None = None) -> SubscriberStats:
         src = self.source
@@ -313,6 +325,7 @@ class _HandleCore:
             pending_bytes=pending_bytes,
             active=1 if self.state in (_State.RUNNING, _State.STOPPING) else 0,
             connection_error=connection_error,
+            handler_duration=self.durations.snapshot(),
         )
 
 
@@ -320,7 +333,14 @@ class _HandleCore:
 class _SubscriberCore:
     """Synchronous accounting and slot arithmetic shared by a subscriber's handles."""
 
-    __slots__ = ("_retired", "handles", "in_flight", "max_workers", "reserved")
+    __slots__ = (
+        "_retired",
+        "_retired_durations",
+        "handles",
+        "in_flight",
+        "max_workers",
+        "reserved",
+    )
 
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max_workers
@@ -328,6 +348,7 @@ class _SubscriberCore:
         self.reserved = 0
         self.handles: set[_HandleCore] = set()
         self._retired = [0] * 6  # received, processed, failed, timed_out, cancelled, dropped
+        self._retired_durations = Histogram()
 
     def add(self, h: _HandleCore) -> None:
         self.handles.add(h)
@@ -374,10 +395,13 @@ class _SubscriberCore:
         h.in_flight += 1
         self.in_flight += 1
 
-    def finished(self, h: _HandleCore, outcome: Outcome) -> None:
-        """A handler of ``h`` ended with ``outcome``."""
+    def finished(self, h: _HandleCore, outcome: Outcome, duration: float | None = None) -> None:
+        """A handler of ``h`` ended with ``outcome`` after ``duration`` seconds (None: not
+        timed)."""
         if h.in_flight <= 0:
             raise RuntimeError("trionats bug: a handler finished that was not in flight")
+        if duration is not None:
+            h.durations.record(duration)
         h.in_flight -= 1
         self.in_flight -= 1
         if outcome is Outcome.PROCESSED:
@@ -414,6 +438,7 @@ class _SubscriberCore:
                 (s.received, s.processed, s.failed, s.timed_out, s.cancelled, s.dropped)
             ):
                 self._retired[i] += v
+            self._retired_durations.merge(h.durations)
 
     def stats(self, connection_error: str | None = None) -> SubscriberStats:
         received, processed, failed, timed_out, cancelled, dropped = self._retired[:6]
@@ -442,6 +467,9 @@ class _SubscriberCore:
             pending_bytes=pending_bytes,
             active=active,
             connection_error=connection_error,
+            handler_duration=merged_snapshot(
+                [self._retired_durations, *(h.durations for h in self.handles)]
+            ),
         )
 
 
@@ -754,8 +782,10 @@ class SubscriptionHandle:
 
     async def _handle_one(self, msg: Msg) -> None:
         subscriber = self._subscriber
-        timeout = subscriber._config.handler_timeout
+        config = subscriber._config
+        timeout = config.handler_timeout
         outcome = Outcome.CANCELLED
+        started = time.perf_counter() if config.metrics else None
         try:
             try:
                 if timeout is None:
@@ -791,7 +821,11 @@ class SubscriptionHandle:
                 if msg.reply:
                     await self._reply_error(msg, "500", _header_text(exc))
         finally:
-            subscriber._core.finished(self._core, outcome)
+            subscriber._core.finished(
+                self._core,
+                outcome,
+                None if started is None else time.perf_counter() - started,
+            )
             lot = subscriber._slot_freed
             if lot:
                 lot.unpark_all()
@@ -1093,6 +1127,7 @@ class JetStreamHandle:
         policy = self.ack_policy
         outcome = Outcome.CANCELLED
         hb = trio.CancelScope()
+        started = time.perf_counter() if subscriber._config.metrics else None
         try:
             try:
                 if policy is AckPolicy.ACK_FIRST:
@@ -1125,7 +1160,11 @@ class JetStreamHandle:
         finally:
             if outcome in (Outcome.CANCELLED, Outcome.TIMED_OUT):
                 await self._settle(msg, b"-NAK")  # not processed: redeliver at once
-            subscriber._core.finished(self._core, outcome)
+            subscriber._core.finished(
+                self._core,
+                outcome,
+                None if started is None else time.perf_counter() - started,
+            )
             lot = subscriber._slot_freed
             if lot:
                 lot.unpark_all()
