@@ -175,6 +175,10 @@ def _describe(holder: Any) -> tuple[str, str]:
 
 _LEASE_ENDED = "this connection's lease has ended (borrow block exited)"
 
+SHARED_YIELD_EVERY = 64
+"""Shared borrows served at once (no wait) between two full yields to the scheduler;
+each one still checks for cancellation."""
+
 
 class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @final class
     """A borrower's handle on a pooled :class:`~trionats.Connection`, valid for one lease.
@@ -352,7 +356,24 @@ class Borrow(Generic[C]):
             raise RuntimeError("a pool.borrow() context manager can only be entered once")
         self._used = True
         pool = self._pool
-        lease = await pool._acquire(self._timeout, self._holder, self._shared)
+        if self._shared:
+            await checkpoint_if_cancelled()
+            core = pool._core
+            lease = core.share_now(trio.current_time(), self._holder)
+            if lease is None:
+                lease = await pool._acquire(self._timeout, self._holder, True)
+            else:
+                # The multiplexed hot path: a cancel point on every call (above), a
+                # schedule point every SHARED_YIELD_EVERY calls, as publish does.
+                hk = pool._hk_scope
+                if hk is not None and core.wake_at < hk.deadline:
+                    hk.deadline = core.wake_at
+                pool._since_yield += 1
+                if pool._since_yield >= SHARED_YIELD_EVERY:
+                    pool._since_yield = 0
+                    await cancel_shielded_checkpoint()
+        else:
+            lease = await pool._acquire(self._timeout, self._holder, False)
         # No checkpoint from here to the return: the lease cannot be lost to a cancel.
         self._lease = lease
         if self._long_lived:
@@ -385,6 +406,8 @@ class Borrow(Generic[C]):
             handle._end_lease()
         scope = self._scope
         if scope is None:
+            if exc is None and lease.shared and self._pool._core.unshare_now(lease):
+                return False  # the hot path: other shared leases still on the connection
             self._pool._release(lease, exc is not None and _is_suspect(exc))
             return False
         self._scope = None
@@ -436,6 +459,7 @@ class Pool(Generic[C]):
         # Each borrow block runs in a cancel scope only when the pool may cancel it.
         self._cancellable_leases = config.leak_action == "cancel"
         self._all_back: trio.Event | None = None
+        self._since_yield = 0  # shared borrows served without a schedule point
 
     @property
     def config(self) -> PoolConfig:
@@ -498,7 +522,8 @@ class Pool(Generic[C]):
             LeaseExpiredError: with ``leak_action="cancel"``, the block held the connection
                 longer than ``leak_timeout`` and was cancelled.
         """
-        timeout = check_seconds("timeout", timeout, allow_none=True)
+        if type(timeout) is not float or not 0.0 < timeout < math.inf:
+            timeout = check_seconds("timeout", timeout, allow_none=True)
         if long_lived is not False:
             check_bool("long_lived", long_lived)
         if shared is not False:
@@ -514,6 +539,13 @@ class Pool(Generic[C]):
         result = core.request(now, holder, shared=shared)
         self._drain()
         if type(result) is Lease:
+            if shared:
+                # The multiplexed hot path: a cancel point on every call (above), a
+                # schedule point every SHARED_YIELD_EVERY calls, as publish does.
+                self._since_yield += 1
+                if self._since_yield < SHARED_YIELD_EVERY:
+                    return result
+                self._since_yield = 0
             await cancel_shielded_checkpoint()
             return result
         last_error: BaseException | None = None

@@ -764,6 +764,56 @@ class PoolCore(Generic[C]):
                     self.wake_at = server.retry_at
         return waiter
 
+    def share_now(self, now: float, holder: Any = None) -> Lease[C] | None:
+        """The hot path of ``request(shared=True)``: a shared lease on the one connection
+        in shared service when it can take it as it is, else None (then call
+        :meth:`request`). Never queues, dials, retires or closes anything."""
+        shared = self._shared
+        if len(shared) != 1 or self._waiting_shared or self.closing:
+            return None
+        entry = shared[0]
+        shares = entry.shares
+        if (
+            shares == self._share_cap
+            or entry.expires_at <= now
+            or self._servers[entry.server].retry_at > now
+            or not self._healthy(entry.conn)
+        ):
+            return None
+        entry.shares = shares + 1
+        self._servers[entry.server].shared_leases += 1
+        self._shared_leases_total += 1
+        self.shared_borrows += 1
+        self.reused += 1
+        lease = Lease(next(self._ids), entry, now, True, holder, True)
+        self._leases[lease.id] = lease
+        self._unreported[lease.id] = lease
+        leak_at = now + self.config.leak_timeout
+        if leak_at < self.wake_at:
+            self.wake_at = leak_at
+        return lease
+
+    def unshare_now(self, lease: Lease[C]) -> bool:
+        """The hot path of :meth:`release` for a shared lease (not suspect) that is not the
+        last on its connection, with no shared borrower waiting: True when done, False
+        (nothing changed) when :meth:`release` must do it."""
+        entry = lease._entry
+        if (
+            entry.shares < 2
+            or self._waiting_shared
+            or lease.released
+            or lease.detached
+            or lease.leak_reported
+        ):
+            return False
+        lease.released = True
+        del self._leases[lease.id]
+        self._unreported.pop(lease.id, None)
+        entry.shares -= 1
+        self._servers[entry.server].shared_leases -= 1
+        self._shared_leases_total -= 1
+        return True
+
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
         """A waiting borrower gave up (cancelled or timed out); nothing stays reserved.
 
