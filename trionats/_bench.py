@@ -70,9 +70,9 @@ class BenchConfig:
     """What to run: message count, payload size, concurrency, repetitions.
 
     ``count`` is the number of messages for publish, pubsub and subscriber; request,
-    pool and pool_shared run ``count // 5`` (at least ``concurrency``), subscriber_1ms ``count // 20``
-    (between 100 and 5,000), js_publish ``count // 10`` (at least 100), js_publish_async
-    and js_consume ``count // 4`` (at least 256): see :meth:`count_for`.
+    pool and pool_shared run ``count // 5`` (at least ``concurrency``), subscriber_1ms
+    ``count // 20`` (between 100 and 5,000), js_publish ``count // 10`` (at least 100),
+    js_publish_async and js_consume ``count // 4`` (at least 256): see :meth:`count_for`.
     """
 
     count: int = 100_000
