@@ -1,4 +1,5 @@
-"""Pool benchmark: borrow+return cost on an idle hit, and reuse under 100 borrowers.
+"""Pool benchmark: borrow+return cost on an idle hit, reuse under 100 borrowers, and the
+same with shared leases (``borrow(shared=True)``).
 
 Runs against an embedded nats-server on 127.0.0.1::
 
@@ -72,6 +73,37 @@ async def main(ops: int, borrowers: int, rounds: int) -> None:
                 f"closed(overflow)={s.closed.overflow} "
                 f"{total / elapsed:,.0f} borrow+publish/s"
             )
+
+        # 3. the same with shared leases: every borrower multiplexed onto one connection
+        async with open_pool(PoolConfig(servers=[server.url])) as pool:
+
+            async def shared_borrower() -> None:
+                for _ in range(rounds):
+                    async with pool.borrow(timeout=10, shared=True) as nc:
+                        await nc.publish("bench.pool", b"x" * 16)
+                        await trio.lowlevel.checkpoint()
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(borrowers):
+                    nursery.start_soon(shared_borrower)
+            elapsed = time.perf_counter() - start
+            s = pool.stats()
+            print(
+                f"{borrowers} concurrent shared borrowers x {rounds}: created={s.created} "
+                f"shared_borrows={s.shared_borrows} {total / elapsed:,.0f} borrow+publish/s"
+            )
+
+            # 4. shared borrow+return cost on the hot path (another shared lease open)
+            async with pool.borrow(shared=True):
+                best = float("inf")
+                for _ in range(5):
+                    start = time.perf_counter()
+                    for _ in range(ops):
+                        async with pool.borrow(shared=True):
+                            pass
+                    best = min(best, (time.perf_counter() - start) / ops)
+            print(f"shared borrow+return (hot path): {best * 1e6:.2f} µs/op (best of 5)")
 
 
 if __name__ == "__main__":

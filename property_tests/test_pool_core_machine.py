@@ -3,6 +3,11 @@
 The model mirrors what a user of the core can observe (idle stacks, leases, dial slots,
 waiters, counters) and derives every expectation from the events the core reports, so a
 wrong close reason, a broken LIFO order, a lost slot or a miscounted statistic fails.
+
+Shared leases (``request(shared=True)``, ``share_now``, ``unshare_now``) are mixed in: a
+connection is never in exclusive and shared use at once, a shared lease goes to the least
+loaded connection in shared service, no connection is closed while a lease on it is open
+(but at shutdown's detach), and the per-connection cap holds.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class PoolCoreMachine(RuleBasedStateMachine):
         jitter=st.sampled_from([0.0, 0.025, 0.5]),
         backoff=st.sampled_from([(1.0, 30.0), (0.5, 0.5), (2.0, 7.0)]),
         leak_timeout=st.sampled_from([3.0, 40.0, 500.0]),
+        share_cap=st.none() | st.integers(1, 3),
         seed=st.integers(0, 2**32 - 1),
     )
     def setup(
@@ -46,6 +52,7 @@ class PoolCoreMachine(RuleBasedStateMachine):
         jitter: float,
         backoff: tuple[float, float],
         leak_timeout: float,
+        share_cap: int | None,
         seed: int,
     ) -> None:
         self.urls = [f"nats://127.0.0.1:{4222 + i}" for i in range(n_servers)]
@@ -58,6 +65,7 @@ class PoolCoreMachine(RuleBasedStateMachine):
             backoff_min=backoff[0],
             backoff_max=backoff[1],
             leak_timeout=leak_timeout,
+            shared_leases_per_connection=share_cap,
         )
         self.core: PoolCore[FakeConn] = PoolCore(
             self.config, is_healthy=is_healthy, rng=random.Random(seed)
@@ -79,15 +87,42 @@ class PoolCoreMachine(RuleBasedStateMachine):
         self.waits = 0
         self.timeouts = 0
         self.leaks = 0
+        self.shared_borrows = 0
         self.live: set[int] = set()
+        self.retired: dict[int, CloseReason] = {}  # shared connections seen retired
+
+    def held(self) -> list[Lease[FakeConn]]:
+        """Every lease out: held, or granted to a woken borrower not resumed yet."""
+        return self.leases + [w.grant for w in self.woken if isinstance(w.grant, Lease)]
+
+    def shares(self, conn: FakeConn) -> int:
+        return sum(1 for le in self.held() if le.shared and le.conn is conn)
+
+    def note_retirements(self) -> None:
+        """A connection retired from shared service was unhealthy (or returned suspect)
+        or past its life when it was retired."""
+        for conn, n, reason in self.core.shared_connections():
+            assert n >= 1, "a connection in shared service has a lease open"
+            if reason is None or conn.id in self.retired:
+                continue
+            if reason is CloseReason.EXPIRED:
+                assert conn.expires_at is not None
+                assert self.now >= conn.expires_at
+            else:
+                assert reason is CloseReason.UNHEALTHY
+                assert not is_healthy(conn) or conn.id in self.suspect
+            self.retired[conn.id] = reason
 
     # -- helpers -----------------------------------------------------------------------
     def settle(self) -> None:
         """Drain the core's outbox, checking each event against the model."""
         core = self.core
+        self.note_retirements()
         for conn, reason in core.to_close:
             note(f"close {conn} {reason}")
             assert conn.id in self.live, "closed twice or never opened"
+            if reason is not CloseReason.SHUTDOWN:
+                assert self.shares(conn) == 0, "closed under an open shared lease"
             self.live.discard(conn.id)
             s = self.urls.index(conn.server)
             if conn in self.idle[s]:
@@ -95,7 +130,11 @@ class PoolCoreMachine(RuleBasedStateMachine):
             if reason is CloseReason.SHUTDOWN:
                 assert core.closing
             elif reason is CloseReason.UNHEALTHY:
-                assert not is_healthy(conn) or conn.id in self.suspect
+                assert (
+                    not is_healthy(conn)
+                    or conn.id in self.suspect
+                    or self.retired.get(conn.id) is CloseReason.UNHEALTHY
+                )
             elif reason is CloseReason.EXPIRED:
                 assert conn.expires_at is not None
                 assert self.now >= conn.expires_at
@@ -108,11 +147,39 @@ class PoolCoreMachine(RuleBasedStateMachine):
             assert waiter in self.queued
             self.queued.remove(waiter)
             assert waiter.grant is not None
+            assert waiter.shared == getattr(waiter.grant, "shared", waiter.shared)
             if isinstance(waiter.grant, Lease):
-                self.take_from_idle(waiter.grant)
+                self.take(waiter.grant)
             self.woken.append(waiter)
         core.to_wake.clear()
         assert not core.new_leaks
+
+    def take(self, lease: Lease[FakeConn]) -> None:
+        """Account for a lease just handed out (not in the model's leases yet)."""
+        if lease.shared:
+            self.shared_borrows += 1
+            if self.shares(lease.conn):
+                # joined a connection in shared service: the least loaded one
+                assert lease.reused
+                self.reused += 1
+                self.check_least_loaded(lease.conn)
+                return
+        if lease.reused:
+            self.take_from_idle(lease)
+
+    def check_least_loaded(self, picked: FakeConn) -> None:
+        cap = self.config.shared_leases_per_connection
+        mine = self.shares(picked)
+        assert cap is None or mine < cap
+        for conn, _, reason in self.core.shared_connections():
+            if conn is picked or reason is not None or conn.id in self.retired:
+                continue
+            if self.core.in_backoff(self.urls.index(conn.server), self.now):
+                continue
+            theirs = self.shares(conn)
+            if cap is not None and theirs >= cap:
+                continue
+            assert mine <= theirs, "a shared lease went to a busier connection"
 
     def take_from_idle(self, lease: Lease[FakeConn]) -> None:
         conn = lease.conn
@@ -130,12 +197,18 @@ class PoolCoreMachine(RuleBasedStateMachine):
         assert conn.expires_at is not None
         assert self.now < conn.expires_at, "handed out past its life"
         assert lease.borrowed_at == self.now
-        assert all(other.conn is not conn for other in self.leases)
+        others = [le for le in self.held() if le.conn is conn and le is not lease]
+        if lease.shared:
+            assert all(le.shared for le in others), "shared and exclusive on one connection"
+            cap = self.config.shared_leases_per_connection
+            assert cap is None or len(others) < cap
+        else:
+            assert not others
         self.leases.append(lease)
 
     def handle(self, result: Lease[FakeConn] | DialTicket | Waiter) -> None:
         if isinstance(result, Lease):
-            self.take_from_idle(result)
+            self.take(result)
             self.settle()
             self.check_handed_out(result)
         elif isinstance(result, DialTicket):
@@ -169,10 +242,33 @@ class PoolCoreMachine(RuleBasedStateMachine):
         wakes = list(self.core.to_wake)
         self.core.to_wake.clear()
         self.settle()
-        self.take_from_idle(lease)
+        self.take(lease)
         self.check_handed_out(lease)
         self.core.to_wake.extend(wakes)
         self.settle()
+
+    @rule(fast=st.booleans())
+    def borrow_shared(self, fast: bool) -> None:
+        if fast:
+            lease = self.core.share_now(self.now, "holder")
+            if lease is not None:
+                assert lease.shared
+                assert not self.core.to_close
+                assert not self.core.to_wake
+                self.take(lease)
+                self.check_handed_out(lease)
+                return
+        try:
+            result = self.core.request(self.now, "holder", shared=True)
+        except PoolClosedError:
+            assert self.core.closing
+            return
+        if isinstance(result, Lease):
+            assert result.shared
+            self.settle_before_lease(result)
+        else:
+            assert result.shared
+            self.handle(result)
 
     @precondition(lambda self: self.tickets)
     @rule(data=st.data(), ok=st.booleans())
@@ -204,6 +300,17 @@ class PoolCoreMachine(RuleBasedStateMachine):
         assert life <= cfg.max_life * (1 + cfg.max_life_jitter) + 1e-9
         conn.expires_at = lease.expires_at
         assert not self.core.in_backoff(ticket.server, self.now)
+        assert lease.shared == ticket.shared
+        if lease.shared:
+            self.shared_borrows += 1
+            # Its first lease is in the model before the shared waiters woken with it.
+            wakes = list(self.core.to_wake)
+            self.core.to_wake.clear()
+            self.settle()
+            self.check_handed_out(lease)
+            self.core.to_wake.extend(wakes)
+            self.settle()
+            return
         self.settle()
         self.check_handed_out(lease)
 
@@ -216,8 +323,8 @@ class PoolCoreMachine(RuleBasedStateMachine):
         self.settle()
 
     @precondition(lambda self: self.leases)
-    @rule(data=st.data(), suspect=st.booleans())
-    def give_back(self, data: st.DataObject, suspect: bool) -> None:
+    @rule(data=st.data(), suspect=st.booleans(), fast=st.booleans())
+    def give_back(self, data: st.DataObject, suspect: bool, fast: bool) -> None:
         lease = data.draw(st.sampled_from(self.leases))
         self.leases.remove(lease)
         conn = lease.conn
@@ -225,14 +332,25 @@ class PoolCoreMachine(RuleBasedStateMachine):
             self.suspect.add(conn.id)
         s = lease.server
         idle_before = len(self.idle[s])
+        if lease.shared and fast and not suspect and self.core.unshare_now(lease):
+            assert self.shares(conn) >= 1
+            assert not self.core.to_close
+            assert not self.core.to_wake
+            return
         self.core.release(lease, self.now, suspect=suspect)
         if lease.detached:
+            self.settle()
+            return
+        if lease.shared and self.shares(conn):
+            assert conn not in [c for c, _ in self.core.to_close]
             self.settle()
             return
         # Not closed: it went to the idle list (maybe straight on to a waiter).
         closes = [c for c, _ in self.core.to_close]
         if conn not in closes:
             assert not suspect
+            assert conn.id not in self.suspect  # a suspect shared return retired it
+            assert conn.id not in self.retired
             assert is_healthy(conn)
             assert conn.expires_at is not None
             assert self.now < conn.expires_at
@@ -261,6 +379,8 @@ class PoolCoreMachine(RuleBasedStateMachine):
                 # It goes back as if returned unused: the model re-checks it like a return.
                 if grant.reused:
                     self.reused -= 1
+                if grant.shared:
+                    self.shared_borrows -= 1
                 self.leases.append(grant)
                 self.check_release_of_unused(waiter, grant)
                 return
@@ -274,7 +394,9 @@ class PoolCoreMachine(RuleBasedStateMachine):
         self.leases.remove(lease)
         self.core.cancel_waiter(waiter, self.now)
         conn = lease.conn
-        if conn not in [c for c, _ in self.core.to_close]:
+        if lease.shared and self.shares(conn):
+            assert conn not in [c for c, _ in self.core.to_close]
+        elif conn not in [c for c, _ in self.core.to_close]:
             self.idle[lease.server].append(conn)
         self.settle()
 
@@ -358,12 +480,20 @@ class PoolCoreMachine(RuleBasedStateMachine):
     def detach_remaining(self) -> None:
         self.core.detach_all()
         detached = list(self.leases)
+        # leases granted to woken borrowers that have not resumed are given up on too
+        granted = [w for w in self.woken if isinstance(w.grant, Lease)]
         self.settle()
         for lease in detached:
             assert lease.conn.closed
             self.core.release(lease, self.now)  # a late return is a no-op
             self.leases.remove(lease)
+        for waiter in granted:
+            assert isinstance(waiter.grant, Lease)
+            assert waiter.grant.conn.closed
+            self.core.release(waiter.grant, self.now)  # a late return is a no-op
+            self.woken.remove(waiter)
         assert not self.core.to_close
+        assert not self.core.shared_connections()
 
     # -- invariants --------------------------------------------------------------------
     @invariant()
@@ -379,13 +509,19 @@ class PoolCoreMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_both_idle_and_borrowed(self) -> None:
         idle_ids = [c.id for stack in self.idle for c in stack]
-        lent = [le.conn.id for le in self.leases] + [
-            w.grant.conn.id for w in self.woken if isinstance(w.grant, Lease)
-        ]
+        held = self.held()
+        lent = [le.conn.id for le in held if not le.shared]
+        shared = {le.conn.id for le in held if le.shared}
         assert len(set(idle_ids)) == len(idle_ids)
         assert len(set(lent)) == len(lent)
         assert not set(idle_ids) & set(lent)
-        assert set(idle_ids) | set(lent) == self.live
+        assert not shared & (set(idle_ids) | set(lent))
+        assert set(idle_ids) | set(lent) | shared == self.live
+        in_service = {conn.id: n for conn, n, _ in self.core.shared_connections()}
+        assert set(in_service) == shared
+        for le in held:
+            if le.shared:
+                assert in_service[le.conn.id] == self.shares(le.conn)
 
     @invariant()
     def open_per_server_within_cap(self) -> None:
@@ -393,7 +529,7 @@ class PoolCoreMachine(RuleBasedStateMachine):
         stats = self.core.stats(self.now)
         for server in stats.servers:
             if cap is not None:
-                assert server.idle + server.borrowed + server.dialing <= cap
+                assert server.idle + server.borrowed + server.dialing + server.shared <= cap
 
     @invariant()
     def no_one_waits_needlessly(self) -> None:
@@ -402,19 +538,47 @@ class PoolCoreMachine(RuleBasedStateMachine):
         if not self.queued:
             return
         cap = self.config.max_per_server
-        for s, server in enumerate(self.core.stats(self.now).servers):
-            if server.in_backoff:
-                continue
-            assert server.idle == 0
-            assert cap is not None
-            assert server.idle + server.borrowed + server.dialing >= cap, s
+        servers = self.core.stats(self.now).servers
+        no_slot = all(
+            server.in_backoff
+            or (
+                cap is not None
+                and server.idle + server.borrowed + server.dialing + server.shared >= cap
+            )
+            for server in servers
+        )
+        for server in servers:
+            if not server.in_backoff:
+                assert server.idle == 0
+        if any(not w.shared for w in self.queued):
+            assert no_slot
+        if any(w.shared for w in self.queued):
+            share_cap = self.config.shared_leases_per_connection
+            for conn, n, reason in self.core.shared_connections():
+                if reason is not None or self.core.in_backoff(
+                    self.urls.index(conn.server), self.now
+                ):
+                    continue
+                if share_cap is not None and n >= share_cap:
+                    continue
+                # room on it: it must have gone bad since the waiter was queued
+                assert not is_healthy(conn) or self.now >= (conn.expires_at or 0.0)
+            shared_dial = any(t.shared for t in self.tickets) or any(
+                isinstance(w.grant, DialTicket) and w.grant.shared for w in self.woken
+            )
+            assert no_slot or (shared_dial and share_cap != 1)
 
     @invariant()
     def stats_match_model(self) -> None:
         stats = self.core.stats(self.now)
         granted = [w.grant for w in self.woken if isinstance(w.grant, Lease)]
         tickets = [w.grant for w in self.woken if isinstance(w.grant, DialTicket)]
-        assert stats.borrowed == len(self.leases) + len(granted)
+        held = self.held()
+        assert stats.borrowed == sum(1 for le in held if not le.shared)
+        assert stats.shared_leases == sum(1 for le in held if le.shared)
+        assert stats.shared == len({le.conn.id for le in held if le.shared})
+        assert stats.shared_borrows == self.shared_borrows
+        assert len(held) == len(self.leases) + len(granted)
         assert stats.dialing == len(self.tickets) + len(tickets)
         assert stats.idle == sum(len(s) for s in self.idle)
         assert stats.waiting == len(self.queued)

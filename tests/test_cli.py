@@ -83,6 +83,7 @@ def test_bench_quick_json(tmp_path: Path) -> None:
         "pubsub",
         "request",
         "pool",
+        "pool_shared",
         "subscriber",
         "subscriber_1ms",
     }

@@ -44,7 +44,18 @@ class BenchError(TrionatsError):
     """
 
 
-SCENARIOS = ("publish", "pubsub", "request", "pool", "subscriber", "subscriber_1ms")
+SCENARIOS = (
+    "publish",
+    "pubsub",
+    "request",
+    "pool",
+    "pool_shared",
+    "subscriber",
+    "subscriber_1ms",
+)
+#: Connections in the pool scenario, on both sides: trionats' pool is capped at this many,
+#: the raw side opens as many nats-py connections and lends each to one task at a time.
+POOL_SIZE = 32
 #: Opt-in (``--scenario js_publish`` ...), not in the default run: they need a server with
 #: JetStream and file storage, and a synchronous JetStream publish is slow.
 JS_SCENARIOS = ("js_publish", "js_publish_async", "js_consume")
@@ -58,10 +69,10 @@ JS_BATCH = 256
 class BenchConfig:
     """What to run: message count, payload size, concurrency, repetitions.
 
-    ``count`` is the number of messages for publish, pubsub and subscriber; request and
-    pool run ``count // 5`` (at least ``concurrency``), subscriber_1ms ``count // 20``
-    (between 100 and 5,000), js_publish ``count // 10`` (at least 100), js_publish_async
-    and js_consume ``count // 4`` (at least 256): see :meth:`count_for`.
+    ``count`` is the number of messages for publish, pubsub and subscriber; request,
+    pool and pool_shared run ``count // 5`` (at least ``concurrency``), subscriber_1ms
+    ``count // 20`` (between 100 and 5,000), js_publish ``count // 10`` (at least 100),
+    js_publish_async and js_consume ``count // 4`` (at least 256): see :meth:`count_for`.
     """
 
     count: int = 100_000
@@ -79,7 +90,7 @@ class BenchConfig:
 
     def count_for(self, scenario: str) -> int:
         """The number of messages (or requests) one run of ``scenario`` handles."""
-        if scenario in ("request", "pool"):
+        if scenario in ("request", "pool", "pool_shared"):
             return max(self.concurrency, self.count // 5)
         if scenario == "subscriber_1ms":
             return max(100, min(self.count // 20, 5000))
@@ -230,8 +241,36 @@ def raw_scenario(
         await responder.close()
         return _latency_figures(len(latencies) / dt, latencies)
 
+    async def connection_pool() -> dict[str, Any]:
+        # No pool in nats-py: the same as trionats' exclusive leases by hand, POOL_SIZE
+        # connections in a queue, each used by one task at a time.
+        conns = [await nats.connect(url) for _ in range(POOL_SIZE)]
+        free: asyncio.Queue[Any] = asyncio.Queue()
+        for conn in conns:
+            free.put_nowait(conn)
+        per_task = count // concurrency
+
+        async def worker() -> None:
+            for _ in range(per_task):
+                conn = await free.get()
+                try:
+                    await conn.publish("bench.pool", payload)
+                finally:
+                    free.put_nowait(conn)
+
+        await worker()  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        for conn in conns:
+            await conn.flush()
+        dt = time.perf_counter() - t0
+        for conn in conns:
+            await conn.close()
+        return {"rate": per_task * concurrency / dt}
+
     async def shared_connection() -> dict[str, Any]:
-        # No pool in nats-py: concurrent tasks share one connection.
+        # What trionats' shared leases are measured against: concurrent tasks share one
+        # nats-py connection.
         nc = await nats.connect(url)
         per_task = count // concurrency
 
@@ -337,7 +376,8 @@ def raw_scenario(
         "publish": publish,
         "pubsub": pubsub,
         "request": request,
-        "pool": shared_connection,
+        "pool": connection_pool,
+        "pool_shared": shared_connection,
         "subscriber": functools.partial(callback_subscriber, 0.0),
         "subscriber_1ms": functools.partial(callback_subscriber, 0.001),
     }
@@ -410,8 +450,8 @@ async def trionats_scenario(
             figures["dropped"] = sub.dropped
             return figures
 
-    if scenario == "pool":
-        return await _trionats_pool(url, count, payload, concurrency)
+    if scenario in ("pool", "pool_shared"):
+        return await _trionats_pool(url, count, payload, concurrency, scenario == "pool_shared")
     if scenario in ("js_publish", "js_publish_async"):
         return await _trionats_js_publish(url, count, payload, scenario)
     if scenario == "js_consume":
@@ -454,10 +494,17 @@ async def trionats_scenario(
         return _latency_figures(len(latencies) / dt, latencies)
 
 
-async def _trionats_pool(url: str, count: int, payload: bytes, concurrency: int) -> dict[str, Any]:
-    """``concurrency`` tasks doing borrow + publish + return, on a pool capped at 32
-    connections (its idle size): borrowers beyond that queue FIFO instead of dialing
-    connections that would be closed again on return."""
+async def _trionats_pool(
+    url: str, count: int, payload: bytes, concurrency: int, shared: bool
+) -> dict[str, Any]:
+    """``concurrency`` tasks doing borrow + publish + return.
+
+    Exclusive (pool): on a pool capped at ``POOL_SIZE`` connections (its idle size), so
+    borrowers beyond that queue FIFO, as on the raw side. Shared (pool_shared):
+    ``borrow(shared=True)`` on a default pool, all borrowers multiplexed onto one
+    connection, as on the raw side. Both flush every connection at the end, as the raw
+    side does.
+    """
     import trio
 
     from ._config import PoolConfig
@@ -465,12 +512,12 @@ async def _trionats_pool(url: str, count: int, payload: bytes, concurrency: int)
 
     per_task = count // concurrency
     waits: list[float] = []
-    async with open_pool(PoolConfig(servers=[url], max_per_server=32)) as pool:
+    async with open_pool(PoolConfig(servers=[url], max_per_server=POOL_SIZE)) as pool:
 
         async def worker(record: bool) -> None:
             for _ in range(per_task):
                 t = time.perf_counter()
-                async with pool.borrow(timeout=10) as nc:
+                async with pool.borrow(timeout=10, shared=shared) as nc:
                     if record:
                         waits.append(time.perf_counter() - t)
                     await nc.publish("bench.pool", payload)
@@ -481,6 +528,9 @@ async def _trionats_pool(url: str, count: int, payload: bytes, concurrency: int)
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
                 nursery.start_soon(worker, True)
+        conns = pool._core.idle_connections(0) + [c for c, _, _ in pool._core.shared_connections()]
+        for conn in conns:
+            await conn.flush()
         dt = time.perf_counter() - t0
         after = pool.stats()
     waits.sort()

@@ -243,8 +243,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             p99 = f"{row['trionats_p99_ms']:.2f} / {row['raw_p99_ms']:.2f}"
         ratio = f"{row['ratio']:.2f}x"
         spread = f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}"
-        if scenario == "pool":  # unlike work on each side: no ratio (see the caption)
-            scenario, ratio, spread = "pool (*)", "-", "-"
+        if scenario in ("pool", "pool_shared"):
+            scenario += " (*)"
         cells = [
             scenario,
             f"{row['raw_rate']:,.0f}/s",
@@ -257,7 +257,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if args.with_c:
             cells.append(f"{row['c_rate']:,.0f}/s" if "c_rate" in row else "-")
         table.add_row(*cells)
-    if "pool" in report["summary"]:
+    if "pool" in report["summary"] or "pool_shared" in report["summary"]:
         table.caption = _POOL_CAPTION
     out = Console()
     out.width = max(out.width, 110)
@@ -270,11 +270,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _POOL_CAPTION = (
-    "(*) pool: not the same work on both sides, so no ratio. trionats: 100 concurrent "
-    "borrow + publish + return on a pool (each publish flushed on its own connection); "
-    "raw: 100 asyncio tasks sharing one nats-py connection (nats-py has no pool), which "
-    "batches thousands of publishes per write. Use a pool for isolation and failover; "
-    "keep a hot publish loop on one borrowed connection."
+    "(*) concurrent tasks doing borrow + publish + return. pool: exclusive leases on a "
+    "pool of 32 connections; raw: 32 nats-py connections, each used by one task at a "
+    "time (nats-py has no pool). pool_shared: borrow(shared=True), every task "
+    "multiplexed onto one connection; raw: the tasks share one nats-py connection."
 )
 
 
@@ -349,6 +348,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
             "pubsub",
             "request",
             "pool",
+            "pool_shared",
             "subscriber",
             "subscriber_1ms",
             "js_publish",

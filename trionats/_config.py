@@ -83,6 +83,12 @@ class PoolConfig:
             spreads over the whole cluster and keeps working when that node is down.
             Discovered servers get the scheme of the server that announced them and the
             pool's auth and TLS options. On by default; False keeps exactly ``servers``.
+        shared_leases_per_connection: cap on the shared leases
+            (``pool.borrow(shared=True)``) one connection carries at once, or None for no
+            cap (the default: every shared borrower multiplexes onto one connection, as
+            tasks sharing one nats-py connection do). With a cap, shared borrowers spread
+            over more connections (the least loaded first); beyond what
+            ``max_per_server`` allows they wait in FIFO order.
 
     Raises:
         TypeError: a field has the wrong type; the message names the field.
@@ -110,6 +116,7 @@ class PoolConfig:
     tls: ssl.SSLContext | None
     tls_hostname: str | None
     discover_servers: bool
+    shared_leases_per_connection: int | None
 
     def __init__(
         self,
@@ -135,6 +142,7 @@ class PoolConfig:
         tls: ssl.SSLContext | None = None,
         tls_hostname: str | None = None,
         discover_servers: bool = True,
+        shared_leases_per_connection: int | None = None,
     ) -> None:
         def put(field: str, value: object) -> None:
             object.__setattr__(self, field, value)
@@ -190,6 +198,15 @@ class PoolConfig:
         for field, value in auth.items():
             put(field, value)
         put("discover_servers", check_bool("PoolConfig.discover_servers", discover_servers))
+        put(
+            "shared_leases_per_connection",
+            check_int(
+                "PoolConfig.shared_leases_per_connection",
+                shared_leases_per_connection,
+                minimum=1,
+                allow_none=True,
+            ),
+        )
 
     def __repr__(self) -> str:
         parts = []

@@ -175,6 +175,10 @@ def _describe(holder: Any) -> tuple[str, str]:
 
 _LEASE_ENDED = "this connection's lease has ended (borrow block exited)"
 
+SHARED_YIELD_EVERY = 64
+"""Shared borrows served at once (no wait) between two full yields to the scheduler;
+each one still checks for cancellation."""
+
 
 class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @final class
     """A borrower's handle on a pooled :class:`~trionats.Connection`, valid for one lease.
@@ -317,17 +321,24 @@ class Borrow(Generic[C]):
         "_long_lived",
         "_pool",
         "_scope",
+        "_shared",
         "_timeout",
         "_used",
     )
 
     def __init__(
-        self, pool: Pool[C], timeout: float | None, holder: _Holder, long_lived: bool = False
+        self,
+        pool: Pool[C],
+        timeout: float | None,
+        holder: _Holder,
+        long_lived: bool = False,
+        shared: bool = False,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
         self._holder = holder
         self._long_lived = long_lived
+        self._shared = shared
         self._lease: Lease[C] | None = None
         self._scope: trio.CancelScope | None = None
         self._handle: LeasedConnection | None = None
@@ -345,7 +356,24 @@ class Borrow(Generic[C]):
             raise RuntimeError("a pool.borrow() context manager can only be entered once")
         self._used = True
         pool = self._pool
-        lease = await pool._acquire(self._timeout, self._holder)
+        if self._shared:
+            await checkpoint_if_cancelled()
+            core = pool._core
+            lease = core.share_now(trio.current_time(), self._holder)
+            if lease is None:
+                lease = await pool._acquire(self._timeout, self._holder, True)
+            else:
+                # The multiplexed hot path: a cancel point on every call (above), a
+                # schedule point every SHARED_YIELD_EVERY calls, as publish does.
+                hk = pool._hk_scope
+                if hk is not None and core.wake_at < hk.deadline:
+                    hk.deadline = core.wake_at
+                pool._since_yield += 1
+                if pool._since_yield >= SHARED_YIELD_EVERY:
+                    pool._since_yield = 0
+                    await cancel_shielded_checkpoint()
+        else:
+            lease = await pool._acquire(self._timeout, self._holder, False)
         # No checkpoint from here to the return: the lease cannot be lost to a cancel.
         self._lease = lease
         if self._long_lived:
@@ -378,6 +406,8 @@ class Borrow(Generic[C]):
             handle._end_lease()
         scope = self._scope
         if scope is None:
+            if exc is None and lease.shared and self._pool._core.unshare_now(lease):
+                return False  # the hot path: other shared leases still on the connection
             self._pool._release(lease, exc is not None and _is_suspect(exc))
             return False
         self._scope = None
@@ -429,6 +459,7 @@ class Pool(Generic[C]):
         # Each borrow block runs in a cancel scope only when the pool may cancel it.
         self._cancellable_leases = config.leak_action == "cancel"
         self._all_back: trio.Event | None = None
+        self._since_yield = 0  # shared borrows served without a schedule point
 
     @property
     def config(self) -> PoolConfig:
@@ -439,7 +470,9 @@ class Pool(Generic[C]):
         """A snapshot of the pool's state and counters (see :class:`PoolStats`)."""
         return self._core.stats(trio.current_time())
 
-    def borrow(self, timeout: float | None = 10.0, *, long_lived: bool = False) -> Borrow[C]:
+    def borrow(
+        self, timeout: float | None = 10.0, *, long_lived: bool = False, shared: bool = False
+    ) -> Borrow[C]:
         """Borrow a connection for the duration of an ``async with`` block.
 
         The connection goes back to the pool when the block exits, however it exits
@@ -448,10 +481,24 @@ class Pool(Generic[C]):
         ``dial_timeout``. With ``max_per_server`` reached, or every server in backoff,
         borrowers wait in FIFO order.
 
+        ``shared=True`` asks for a *shared* lease: NATS multiplexes a connection, so many
+        shared borrowers may hold the same connection at once (the least-loaded
+        connection already in shared service, up to
+        ``PoolConfig.shared_leases_per_connection`` leases each; else an idle one, else
+        one dialed, while concurrent shared borrowers wait for that dial instead of
+        dialing their own). A connection is in shared or in exclusive use, never both.
+        Use it for publishing and requests; a subscription made on a shared lease must
+        end inside the block (see the pool docs). Every pool rule holds per lease: leak
+        detection and ``leak_action``, MaxLife (a shared connection past it takes no new
+        leases and is closed when its last lease returns), health checks, backoff.
+
         Example::
 
             async with pool.borrow(timeout=5) as nc:
                 await nc.publish("orders.new", b"...")
+
+            async with pool.borrow(shared=True) as nc:  # alongside other borrowers
+                reply = await nc.request("prices.get", b"AAPL", timeout=2)
 
         Args:
             timeout: seconds to wait for a connection (queueing and dialing together), or
@@ -459,12 +506,14 @@ class Pool(Generic[C]):
                 wait (each dial is still bounded by ``dial_timeout``).
             long_lived: the block is meant to hold the connection for long (a subscriber
                 does, for its whole life): it is never reported or cancelled as a leak.
+            shared: a shared lease (see above) instead of an exclusive one.
 
         The block gets its own handle on the connection (see :class:`LeasedConnection`):
         once the block has exited, using it raises :class:`trionats.ConnectionClosedError`.
 
         Raises:
-            TypeError: ``timeout`` is not a number or None, or ``long_lived`` not a bool.
+            TypeError: ``timeout`` is not a number or None, or ``long_lived`` or
+                ``shared`` not a bool.
             ValueError: ``timeout`` is not a finite number > 0.
             PoolTimeoutError: no connection within ``timeout`` (chained to the last dial
                 error, if any).
@@ -473,19 +522,30 @@ class Pool(Generic[C]):
             LeaseExpiredError: with ``leak_action="cancel"``, the block held the connection
                 longer than ``leak_timeout`` and was cancelled.
         """
-        timeout = check_seconds("timeout", timeout, allow_none=True)
-        check_bool("long_lived", long_lived)
+        if type(timeout) is not float or not 0.0 < timeout < math.inf:
+            timeout = check_seconds("timeout", timeout, allow_none=True)
+        if long_lived is not False:
+            check_bool("long_lived", long_lived)
+        if shared is not False:
+            check_bool("shared", shared)
         frame = sys._getframe(1)
-        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), long_lived)
+        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), long_lived, shared)
 
     # -- acquiring ---------------------------------------------------------------------
-    async def _acquire(self, timeout: float | None, holder: _Holder) -> Lease[C]:
+    async def _acquire(self, timeout: float | None, holder: _Holder, shared: bool) -> Lease[C]:
         await checkpoint_if_cancelled()
         core = self._core
         now = trio.current_time()
-        result = core.request(now, holder)
+        result = core.request(now, holder, shared=shared)
         self._drain()
         if type(result) is Lease:
+            if shared:
+                # The multiplexed hot path: a cancel point on every call (above), a
+                # schedule point every SHARED_YIELD_EVERY calls, as publish does.
+                self._since_yield += 1
+                if self._since_yield < SHARED_YIELD_EVERY:
+                    return result
+                self._since_yield = 0
             await cancel_shielded_checkpoint()
             return result
         last_error: BaseException | None = None
@@ -512,7 +572,7 @@ class Pool(Generic[C]):
                         "dial %s failed (%s); backing off %.3f s", url, redact(repr(exc)), delay
                     )
                     last_error = exc
-                    result = core.request(now, holder, retry=True)
+                    result = core.request(now, holder, retry=True, shared=shared)
                     self._drain()
                     continue
                 except BaseException:
@@ -580,7 +640,8 @@ class Pool(Generic[C]):
         if lease.leak_reported and not lease.detached:
             name, stack = _describe(lease.holder)
             log.warning(
-                "leaked connection to %s returned after %.3f s by task %r; it was borrowed at:\n%s",
+                "leaked %s to %s returned after %.3f s by task %r; it was borrowed at:\n%s",
+                "shared lease on a connection" if lease.shared else "connection",
                 self._urls[lease.server].display,
                 trio.current_time() - lease.borrowed_at,
                 name,
@@ -608,15 +669,21 @@ class Pool(Generic[C]):
         hk = self._hk_scope
         if hk is not None and core.wake_at < hk.deadline:
             hk.deadline = core.wake_at
-        if self._all_back is not None and not core.borrowed and not core.dialing:
+        if (
+            self._all_back is not None
+            and not core.borrowed
+            and not core.shared_leases
+            and not core.dialing
+        ):
             self._all_back.set()
 
     def _report_leak(self, lease: Lease[C]) -> None:
         name, stack = _describe(lease.holder)
         cancel = self._config.leak_action == "cancel"
         log.warning(
-            "connection lease (server %s) held for %.3f s (leak_timeout=%s s) by task %r%s;"
+            "%s lease (server %s) held for %.3f s (leak_timeout=%s s) by task %r%s;"
             " borrowed at:\n%s",
+            "shared connection" if lease.shared else "connection",
             self._urls[lease.server].display,
             trio.current_time() - lease.borrowed_at,
             self._config.leak_timeout,
@@ -670,9 +737,10 @@ class Pool(Generic[C]):
         if self._all_back.is_set():
             return
         log.warning(
-            "pool closing: %d connection(s) still borrowed and %d dial(s) in progress after"
-            " %s s; cancelling them",
+            "pool closing: %d connection(s) still borrowed, %d shared lease(s) open and %d"
+            " dial(s) in progress after %s s; cancelling them",
             core.borrowed,
+            core.shared_leases,
             core.dialing,
             timeout,
         )
@@ -690,7 +758,12 @@ class Pool(Generic[C]):
             with trio.move_on_after(timeout):
                 await self._all_back.wait()
         if not self._all_back.is_set():
-            log.warning("pool closing: closing %d connection(s) still borrowed", core.borrowed)
+            log.warning(
+                "pool closing: closing %d connection(s) still borrowed and those of %d shared"
+                " lease(s)",
+                core.borrowed,
+                core.shared_leases,
+            )
             core.detach_all()
             self._drain()
 

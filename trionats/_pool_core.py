@@ -11,8 +11,17 @@ fake clock and fake connections (``property_tests/``).
 Ownership: a connection is in exactly one of
 
 * a server's idle list (owned by the pool),
-* a :class:`Lease` (owned by the borrower until :meth:`PoolCore.release`),
+* an exclusive :class:`Lease` (owned by the borrower until :meth:`PoolCore.release`),
+* shared service (owned by the pool, lent to one or more shared leases at once; it
+  leaves shared service when its last shared lease is released),
 * the close outbox (owned by whoever drains it; counted as closed already).
+
+A connection is never in exclusive and shared use at once. A connection in shared service
+always has at least one open shared lease; one that must not take new leases any more
+(past its MaxLife, found unhealthy, or returned after an error from the connection) is
+*retired*: it stays in shared service until its last lease is released, then it is closed
+for that reason. Nothing but shutdown (:meth:`PoolCore.detach_all`) closes a connection
+while a lease on it is open.
 
 A slot being dialed is a :class:`DialTicket`, owned by the borrower until it calls
 :meth:`PoolCore.dial_succeeded`, :meth:`PoolCore.dial_failed` or
@@ -81,6 +90,9 @@ class ServerStats:
         in_backoff: True while the server is avoided after a dial failure.
         next_retry_at: when the backoff ends (Trio clock), or None when not in backoff.
         consecutive_failures: dial failures since the last success.
+        shared: connections in shared service (lent to shared leases), retired ones
+            included.
+        shared_leases: shared leases open on this server's connections.
     """
 
     url: str
@@ -90,6 +102,8 @@ class ServerStats:
     in_backoff: bool
     next_retry_at: float | None
     consecutive_failures: int
+    shared: int = 0
+    shared_leases: int = 0
 
 
 @final
@@ -124,11 +138,12 @@ class PoolStats:
         servers: per-server state, in the order of ``PoolConfig.servers``, then the
             servers discovered from the cluster, in discovery order.
         idle: idle connections, all servers.
-        borrowed: connections lent out, all servers.
+        borrowed: connections lent out exclusively (``borrow()``), all servers.
         dialing: dials in progress, all servers.
-        waiting: borrowers waiting in the FIFO queue now.
+        waiting: borrowers waiting in the FIFO queue now (exclusive and shared).
         created: connections dialed successfully.
-        reused: borrows served from an idle connection.
+        reused: borrows served by a connection that already existed (an idle one, or
+            one already in shared service).
         reuse_rate: ``reused / (reused + created)``, 0.0 before the first borrow.
         closed: connections closed, by reason.
         dial_failures: dials that failed (each put its server in backoff).
@@ -138,6 +153,10 @@ class PoolStats:
         timeouts: borrows that failed with :class:`trionats.PoolTimeoutError`.
         leaks_detected: leases held past ``leak_timeout`` (each counted once).
         closing: True once the pool is shutting down.
+        shared: connections in shared service (``borrow(shared=True)``), all servers,
+            retired ones (no new leases; closed when their last lease returns) included.
+        shared_leases: shared leases open now, all servers.
+        shared_borrows: shared leases handed out since the pool opened.
         wait_time: the time queued borrows waited, as a histogram (p50/p90/p99/max; see
             :class:`trionats.LatencySnapshot` for the error bound).
     """
@@ -158,6 +177,9 @@ class PoolStats:
     timeouts: int
     leaks_detected: int
     closing: bool
+    shared: int = 0
+    shared_leases: int = 0
+    shared_borrows: int = 0
     wait_time: LatencySnapshot = EMPTY
 
 
@@ -165,7 +187,7 @@ class PoolStats:
 class _Entry(Generic[C]):
     """One live connection and its fixed facts."""
 
-    __slots__ = ("alive", "born", "conn", "expires_at", "id", "server")
+    __slots__ = ("alive", "born", "conn", "expires_at", "id", "retired", "server", "shares")
 
     def __init__(self, id: int, server: int, conn: C, born: float, expires_at: float) -> None:
         self.id = id
@@ -174,6 +196,8 @@ class _Entry(Generic[C]):
         self.born = born
         self.expires_at = expires_at
         self.alive = True  # False once handed to the close outbox
+        self.shares = 0  # open shared leases; > 0 exactly while in shared service
+        self.retired: CloseReason | None = None  # in shared service, taking no new leases
 
     def __lt__(self, other: _Entry[C]) -> bool:  # for heap ties
         return self.id < other.id
@@ -189,7 +213,9 @@ class Lease(Generic[C]):
         born: when the connection was created (pool clock).
         expires_at: when it reaches its MaxLife.
         borrowed_at: when this lease began.
-        reused: True if it came from the idle list (False: freshly dialed).
+        reused: True if the connection already existed (False: freshly dialed).
+        shared: True for a shared lease (``borrow(shared=True)``): other shared leases
+            may be on the same connection at the same time.
         holder: opaque information about the borrower (the async layer's task + frame).
         leak_reported: True once reported as a leak.
         revoked: set by the async layer when it cancels the holder (leak or shutdown).
@@ -208,14 +234,24 @@ class Lease(Generic[C]):
         "released",
         "reused",
         "revoked",
+        "shared",
         "token",
     )
 
-    def __init__(self, id: int, entry: _Entry[C], now: float, reused: bool, holder: Any) -> None:
+    def __init__(
+        self,
+        id: int,
+        entry: _Entry[C],
+        now: float,
+        reused: bool,
+        holder: Any,
+        shared: bool = False,
+    ) -> None:
         self.id = id
         self._entry = entry
         self.borrowed_at = now
         self.reused = reused
+        self.shared = shared
         self.holder = holder
         self.leak_reported = False
         self.revoked: str | None = None
@@ -248,16 +284,18 @@ class DialTicket:
         server: index of the server to dial.
         started_at: when the slot was reserved.
         holder: the borrower's opaque information.
+        shared: the connection goes into shared service (a shared borrower dials it).
         token: free for the async layer (the dial's cancel scope).
     """
 
-    __slots__ = ("done", "holder", "id", "server", "started_at", "token")
+    __slots__ = ("done", "holder", "id", "server", "shared", "started_at", "token")
 
-    def __init__(self, id: int, server: int, now: float, holder: Any) -> None:
+    def __init__(self, id: int, server: int, now: float, holder: Any, shared: bool = False) -> None:
         self.id = id
         self.server = server
         self.started_at = now
         self.holder = holder
+        self.shared = shared
         self.done = False
         self.token: Any = None
 
@@ -274,15 +312,17 @@ class Waiter:
             over, or a :class:`PoolClosedError` when the pool closed.
         enqueued_at: when it started waiting.
         holder: the borrower's opaque information.
+        shared: a shared borrower (it is granted a shared lease or a shared dial).
         token: free for the async layer (the parked Trio task).
     """
 
-    __slots__ = ("enqueued_at", "grant", "holder", "id", "queued", "token")
+    __slots__ = ("enqueued_at", "grant", "holder", "id", "queued", "shared", "token")
 
-    def __init__(self, id: int, now: float, holder: Any) -> None:
+    def __init__(self, id: int, now: float, holder: Any, shared: bool = False) -> None:
         self.id = id
         self.enqueued_at = now
         self.holder = holder
+        self.shared = shared
         self.grant: Lease[Any] | DialTicket | PoolClosedError | None = None
         self.queued = True
         self.token: Any = None
@@ -290,30 +330,42 @@ class Waiter:
 
 @final
 class _Server(Generic[C]):
-    __slots__ = ("borrowed", "dialing", "failures", "idle", "retry_at", "url")
+    __slots__ = (
+        "borrowed",
+        "dialing",
+        "failures",
+        "idle",
+        "retry_at",
+        "shared",
+        "shared_leases",
+        "url",
+    )
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.idle: list[_Entry[C]] = []  # LIFO: append and pop at the end
         self.borrowed = 0
         self.dialing = 0
+        self.shared = 0  # connections in shared service (retired ones included)
+        self.shared_leases = 0
         self.failures = 0
         self.retry_at = -math.inf
 
     @property
     def open(self) -> int:
-        return len(self.idle) + self.borrowed + self.dialing
+        return len(self.idle) + self.borrowed + self.dialing + self.shared
 
 
 @final
 class PoolCore(Generic[C]):
-    """The pool's state: idle lists, leases, dial slots, waiters, backoff and counters.
+    """The pool's state: idle lists, leases, shared service, dial slots, waiters, backoff
+    and counters.
 
     Args:
         config: the pool's configuration.
         is_healthy: a cheap, synchronous health check of a connection (connected, not
-            closed, not draining). Called when a connection leaves the idle list and when it
-            is returned.
+            closed, not draining). Called when a connection leaves the idle list, when it
+            is returned, and on each shared borrow for the connection picked.
         rng: the random source for server choice, life jitter and backoff jitter.
 
     After each call, drain :attr:`to_close` (connections to close, already counted) and
@@ -333,12 +385,17 @@ class PoolCore(Generic[C]):
         self._servers: list[_Server[C]] = [_Server(url.display) for url in config.servers]
         self._idle_max = config.idle_per_server
         self._max_open = config.max_per_server if config.max_per_server is not None else -1
+        cap = config.shared_leases_per_connection
+        self._share_cap = cap if cap is not None else -1
         self._ids = itertools.count(1)
-        self._leases: dict[int, Lease[C]] = {}  # borrowed, in borrow order
-        self._unreported: dict[int, Lease[C]] = {}  # borrowed, not yet reported as leaks
+        self._leases: dict[int, Lease[C]] = {}  # lent out (exclusive and shared), in order
+        self._unreported: dict[int, Lease[C]] = {}  # lent out, not yet reported as leaks
         self._tickets: dict[int, DialTicket] = {}
         self._waiters: deque[Waiter] = deque()
+        self._waiting_shared = 0  # shared waiters in _waiters
         self._expiry: list[tuple[float, _Entry[C]]] = []  # heap over live connections
+        self._shared: list[_Entry[C]] = []  # in shared service, taking leases
+        self._retired: dict[int, _Entry[C]] = {}  # in shared service, taking no leases
         self.closing = False
         self.wake_at = math.inf
         """Earliest deadline created since the async layer last looked (a cheap hint)."""
@@ -350,6 +407,9 @@ class PoolCore(Generic[C]):
         self._idle_total = 0
         self._borrowed_total = 0
         self._dialing_total = 0
+        self._shared_dialing = 0
+        self._shared_leases_total = 0
+        self.shared_borrows = 0
         self.created = 0
         self.reused = 0
         self._closed = dict.fromkeys(CloseReason, 0)
@@ -370,7 +430,13 @@ class PoolCore(Generic[C]):
     # -- queries -------------------------------------------------------------------------
     @property
     def borrowed(self) -> int:
+        """Exclusive leases open."""
         return self._borrowed_total
+
+    @property
+    def shared_leases(self) -> int:
+        """Shared leases open."""
+        return self._shared_leases_total
 
     @property
     def dialing(self) -> int:
@@ -385,7 +451,7 @@ class PoolCore(Generic[C]):
         return len(self._waiters)
 
     def leases(self) -> list[Lease[C]]:
-        """The leases lent out now, oldest first."""
+        """The leases lent out now (exclusive and shared), oldest first."""
         return list(self._leases.values())
 
     def tickets(self) -> list[DialTicket]:
@@ -395,6 +461,12 @@ class PoolCore(Generic[C]):
     def idle_connections(self, server: int) -> list[C]:
         """A server's idle connections, oldest first (the next borrow takes the last)."""
         return [e.conn for e in self._servers[server].idle]
+
+    def shared_connections(self) -> list[tuple[C, int, CloseReason | None]]:
+        """The connections in shared service: (connection, open shared leases, why it is
+        retired or None when it still takes leases)."""
+        entries = self._shared + list(self._retired.values())
+        return [(e.conn, e.shares, e.retired) for e in entries]
 
     def in_backoff(self, server: int, now: float) -> bool:
         return self._servers[server].retry_at > now
@@ -424,6 +496,8 @@ class PoolCore(Generic[C]):
                 in_backoff=s.retry_at > now,
                 next_retry_at=s.retry_at if s.retry_at > now else None,
                 consecutive_failures=s.failures,
+                shared=s.shared,
+                shared_leases=s.shared_leases,
             )
             for s in self._servers
         )
@@ -452,6 +526,9 @@ class PoolCore(Generic[C]):
             timeouts=self.timeouts,
             leaks_detected=self.leaks_detected,
             closing=self.closing,
+            shared=len(self._shared) + len(self._retired),
+            shared_leases=self._shared_leases_total,
+            shared_borrows=self.shared_borrows,
         )
 
     def exempt_from_leak_detection(self, lease: Lease[C]) -> None:
@@ -464,21 +541,49 @@ class PoolCore(Generic[C]):
         self._closed[reason] += 1
         self.to_close.append((entry.conn, reason))
 
-    def _lend(self, entry: _Entry[C], now: float, reused: bool, holder: Any) -> Lease[C]:
-        lease = Lease(next(self._ids), entry, now, reused, holder)
+    def _register(self, lease: Lease[C], now: float) -> None:
         self._leases[lease.id] = lease
         self._unreported[lease.id] = lease
         leak_at = now + self.config.leak_timeout
         if leak_at < self.wake_at:
             self.wake_at = leak_at
+
+    def _lend(self, entry: _Entry[C], now: float, reused: bool, holder: Any) -> Lease[C]:
+        lease = Lease(next(self._ids), entry, now, reused, holder)
+        self._register(lease, now)
         self._servers[entry.server].borrowed += 1
         self._borrowed_total += 1
         if reused:
             self.reused += 1
         return lease
 
-    def _try_grant(self, now: float, holder: Any) -> Grant | None:
-        """An idle connection or a dial slot, or None when the borrower must wait."""
+    def _share(self, entry: _Entry[C], now: float, reused: bool, holder: Any) -> Lease[C]:
+        """A shared lease on ``entry`` (put into shared service first if it is not)."""
+        server = self._servers[entry.server]
+        if not entry.shares:
+            self._shared.append(entry)
+            server.shared += 1
+        entry.shares += 1
+        server.shared_leases += 1
+        self._shared_leases_total += 1
+        self.shared_borrows += 1
+        lease = Lease(next(self._ids), entry, now, reused, holder, True)
+        self._register(lease, now)
+        if reused:
+            self.reused += 1
+        return lease
+
+    def _retire(self, entry: _Entry[C], reason: CloseReason) -> None:
+        """A connection in shared service takes no new leases; it is closed for ``reason``
+        when its last lease is released."""
+        if entry.retired is None:
+            entry.retired = reason
+            self._shared.remove(entry)
+            self._retired[entry.id] = entry
+
+    def _pop_idle(self, now: float) -> _Entry[C] | None:
+        """A healthy, young idle connection of a server not in backoff (closing the bad
+        ones met on the way), or None."""
         servers = self._servers
         while True:
             if len(servers) == 1:
@@ -487,7 +592,7 @@ class PoolCore(Generic[C]):
             else:
                 with_idle = [i for i, s in enumerate(servers) if s.idle and s.retry_at <= now]
             if not with_idle:
-                break
+                return None
             index = with_idle[0] if len(with_idle) == 1 else self._rng.choice(with_idle)
             server = servers[index]
             entry = server.idle.pop()
@@ -497,7 +602,10 @@ class PoolCore(Generic[C]):
             elif not self._healthy(entry.conn):
                 self._close(entry, CloseReason.UNHEALTHY)
             else:
-                return self._lend(entry, now, True, holder)
+                return entry
+
+    def _dial_slot(self, now: float, holder: Any, shared: bool) -> DialTicket | None:
+        servers = self._servers
         max_open = self._max_open
         can_dial = [
             i
@@ -507,14 +615,70 @@ class PoolCore(Generic[C]):
         if not can_dial:
             return None
         index = can_dial[0] if len(can_dial) == 1 else self._rng.choice(can_dial)
-        ticket = DialTicket(next(self._ids), index, now, holder)
+        ticket = DialTicket(next(self._ids), index, now, holder, shared)
         servers[index].dialing += 1
         self._dialing_total += 1
+        if shared:
+            self._shared_dialing += 1
         self._tickets[ticket.id] = ticket
         return ticket
 
+    def _try_grant(self, now: float, holder: Any) -> Grant | None:
+        """An idle connection or a dial slot, or None when the borrower must wait."""
+        entry = self._pop_idle(now)
+        if entry is not None:
+            return self._lend(entry, now, True, holder)
+        return self._dial_slot(now, holder, False)
+
+    def _least_loaded(self, now: float) -> _Entry[C] | None:
+        """The connection in shared service to put the next shared lease on: the fewest
+        open leases, below the cap, its server not in backoff; on a tie the one that
+        lives longest. Unhealthy or expired candidates are retired on the way."""
+        shared = self._shared
+        cap = self._share_cap
+        servers = self._servers
+        while shared:
+            best: _Entry[C] | None = None
+            for entry in shared:
+                if cap > 0 and entry.shares >= cap:
+                    continue
+                if servers[entry.server].retry_at > now:
+                    continue
+                if (
+                    best is None
+                    or entry.shares < best.shares
+                    or (entry.shares == best.shares and entry.expires_at > best.expires_at)
+                ):
+                    best = entry
+            if best is None:
+                return None
+            if best.expires_at <= now:
+                self._retire(best, CloseReason.EXPIRED)
+            elif not self._healthy(best.conn):
+                self._retire(best, CloseReason.UNHEALTHY)
+            else:
+                return best
+        return None
+
+    def _try_grant_shared(self, now: float, holder: Any) -> Grant | None:
+        """A shared lease on the least-loaded connection in shared service, else on an
+        idle connection (which goes into shared service), else nothing while a shared
+        dial in progress will have room for this borrower, else a shared dial slot; None
+        when the borrower must wait."""
+        entry = self._least_loaded(now)
+        if entry is not None:
+            return self._share(entry, now, True, holder)
+        entry = self._pop_idle(now)
+        if entry is not None:
+            return self._share(entry, now, True, holder)
+        if self._shared_dialing and self._share_cap != 1:
+            return None  # a connection on its way will take this borrower too
+        return self._dial_slot(now, holder, True)
+
     def _end_wait(self, waiter: Waiter, now: float) -> None:
         waiter.queued = False
+        if waiter.shared:
+            self._waiting_shared -= 1
         waited = max(0.0, now - waiter.enqueued_at)
         self.wait_time_total += waited
         if waited > self.wait_time_max:
@@ -522,41 +686,83 @@ class PoolCore(Generic[C]):
         self.wait_times.record(waited)
 
     def _assign_waiters(self, now: float) -> None:
-        """Hand what is available to the waiters, first come first served."""
+        """Hand what is available to the waiters, first come first served within each
+        kind (exclusive, shared).
+
+        The kinds do not overtake each other for anything both could use: an exclusive
+        waiter that cannot be served means no idle connection and no dial slot, so a
+        shared waiter behind it can only join a connection already in shared service; a
+        shared waiter that cannot be served took no idle connection either.
+        """
         waiters = self._waiters
-        while waiters:
-            grant = self._try_grant(now, waiters[0].holder)
-            if grant is None:
-                return
-            waiter = waiters.popleft()
+        excl_blocked = len(waiters) == self._waiting_shared
+        shared_blocked = not self._waiting_shared
+        i = 0
+        while i < len(waiters) and not (excl_blocked and shared_blocked):
+            waiter = waiters[i]
+            if waiter.shared:
+                if shared_blocked:
+                    i += 1
+                    continue
+                grant = self._try_grant_shared(now, waiter.holder)
+                if grant is None:
+                    shared_blocked = True
+                    i += 1
+                    continue
+            else:
+                if excl_blocked:
+                    i += 1
+                    continue
+                grant = self._try_grant(now, waiter.holder)
+                if grant is None:
+                    excl_blocked = True
+                    i += 1
+                    continue
+            del waiters[i]
             self._end_wait(waiter, now)
             waiter.grant = grant
             self.to_wake.append(waiter)
 
     # -- borrowing -----------------------------------------------------------------------
-    def request(self, now: float, holder: Any = None, *, retry: bool = False) -> Grant | Waiter:
-        """A borrower asks for a connection.
+    def request(
+        self, now: float, holder: Any = None, *, retry: bool = False, shared: bool = False
+    ) -> Grant | Waiter:
+        """A borrower asks for a connection (``shared=True``: a shared lease).
 
-        Returns a :class:`Lease` (an idle hit), a :class:`DialTicket` (dial, then report
-        the outcome), or a queued :class:`Waiter` (wait until ``waiter.grant`` is set and
-        it is in :attr:`to_wake`, or cancel it). Waiters are served FIFO: while anyone is
-        queued, a new request queues behind them. ``retry=True`` (a borrower whose dial just
-        failed) queues at the front instead, keeping its place.
+        Returns a :class:`Lease` (an idle hit, or a place on a connection in shared
+        service), a :class:`DialTicket` (dial, then report the outcome), or a queued
+        :class:`Waiter` (wait until ``waiter.grant`` is set and it is in :attr:`to_wake`,
+        or cancel it). Waiters are served FIFO within each kind: while a borrower of the
+        same kind is queued, a new request queues behind it. ``retry=True`` (a borrower
+        whose dial just failed) queues at the front instead, keeping its place.
 
         Raises:
             PoolClosedError: the pool is closing.
         """
         if self.closing:
             raise PoolClosedError("the pool is closed")
-        if not self._waiters:
+        if self._waiters and len(self._waiters) != self._waiting_shared and shared:
+            # Exclusive waiters first, for anything that became free by time alone (a
+            # backoff that ended before the housekeeper's tick).
+            self._assign_waiters(now)
+        elif self._waiting_shared and not shared:
+            self._assign_waiters(now)
+        if shared:
+            if not self._waiting_shared:
+                grant = self._try_grant_shared(now, holder)
+                if grant is not None:
+                    return grant
+        elif len(self._waiters) == self._waiting_shared:
             grant = self._try_grant(now, holder)
             if grant is not None:
                 return grant
-        waiter = Waiter(next(self._ids), now, holder)
+        waiter = Waiter(next(self._ids), now, holder, shared)
         if retry:
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
+        if shared:
+            self._waiting_shared += 1
         self.waits += 1
         self._assign_waiters(now)
         if waiter.queued:
@@ -564,6 +770,56 @@ class PoolCore(Generic[C]):
                 if now < server.retry_at < self.wake_at:
                     self.wake_at = server.retry_at
         return waiter
+
+    def share_now(self, now: float, holder: Any = None) -> Lease[C] | None:
+        """The hot path of ``request(shared=True)``: a shared lease on the one connection
+        in shared service when it can take it as it is, else None (then call
+        :meth:`request`). Never queues, dials, retires or closes anything."""
+        shared = self._shared
+        if len(shared) != 1 or self._waiting_shared or self.closing:
+            return None
+        entry = shared[0]
+        shares = entry.shares
+        if (
+            shares == self._share_cap
+            or entry.expires_at <= now
+            or self._servers[entry.server].retry_at > now
+            or not self._healthy(entry.conn)
+        ):
+            return None
+        entry.shares = shares + 1
+        self._servers[entry.server].shared_leases += 1
+        self._shared_leases_total += 1
+        self.shared_borrows += 1
+        self.reused += 1
+        lease = Lease(next(self._ids), entry, now, True, holder, True)
+        self._leases[lease.id] = lease
+        self._unreported[lease.id] = lease
+        leak_at = now + self.config.leak_timeout
+        if leak_at < self.wake_at:
+            self.wake_at = leak_at
+        return lease
+
+    def unshare_now(self, lease: Lease[C]) -> bool:
+        """The hot path of :meth:`release` for a shared lease (not suspect) that is not the
+        last on its connection, with no shared borrower waiting: True when done, False
+        (nothing changed) when :meth:`release` must do it."""
+        entry = lease._entry
+        if (
+            entry.shares < 2
+            or self._waiting_shared
+            or lease.released
+            or lease.detached
+            or lease.leak_reported
+        ):
+            return False
+        lease.released = True
+        del self._leases[lease.id]
+        self._unreported.pop(lease.id, None)
+        entry.shares -= 1
+        self._servers[entry.server].shared_leases -= 1
+        self._shared_leases_total -= 1
+        return True
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
         """A waiting borrower gave up (cancelled or timed out); nothing stays reserved.
@@ -580,6 +836,8 @@ class PoolCore(Generic[C]):
         if isinstance(grant, Lease):
             if grant.reused:
                 self.reused -= 1  # it was never used: not a reuse
+            if grant.shared:
+                self.shared_borrows -= 1
             self.release(grant, now)
         elif isinstance(grant, DialTicket):
             self.dial_aborted(grant, now)
@@ -589,7 +847,8 @@ class PoolCore(Generic[C]):
         self.timeouts += 1
 
     def dial_succeeded(self, ticket: DialTicket, conn: C, now: float) -> Lease[C] | None:
-        """The dial of ``ticket`` produced ``conn``: it becomes the borrower's lease.
+        """The dial of ``ticket`` produced ``conn``: it becomes the borrower's lease (a
+        shared one, the connection going into shared service, for a shared ticket).
 
         Resets the server's backoff. Returns None when the pool started closing meanwhile
         (the connection is then in the close outbox).
@@ -609,9 +868,13 @@ class PoolCore(Generic[C]):
         heapq.heappush(self._expiry, (entry.expires_at, entry))
         if entry.expires_at < self.wake_at:
             self.wake_at = entry.expires_at
-        lease = self._lend(entry, now, False, ticket.holder)
+        if ticket.shared:
+            lease = self._share(entry, now, False, ticket.holder)
+        else:
+            lease = self._lend(entry, now, False, ticket.holder)
         if self._waiters:
-            # The server just came out of backoff: borrowers queued meanwhile can dial it.
+            # The server just came out of backoff: borrowers queued meanwhile can dial it;
+            # shared borrowers waiting for this connection join it.
             self._assign_waiters(now)
         return lease
 
@@ -641,13 +904,19 @@ class PoolCore(Generic[C]):
         del self._tickets[ticket.id]
         self._servers[ticket.server].dialing -= 1
         self._dialing_total -= 1
+        if ticket.shared:
+            self._shared_dialing -= 1
 
     def release(self, lease: Lease[C], now: float, *, suspect: bool = False) -> None:
         """The borrower gives the connection back.
 
-        It goes to its server's idle list if healthy, young and there is room; else it is
-        closed (reason in the outbox). ``suspect=True`` (an error from the connection)
-        closes it as unhealthy without a second look.
+        Exclusive lease: the connection goes to its server's idle list if healthy, young
+        and there is room; else it is closed (reason in the outbox). ``suspect=True`` (an
+        error from the connection) closes it as unhealthy without a second look.
+
+        Shared lease: the connection stays in shared service while other shared leases
+        are open on it (``suspect=True`` retires it: no new leases); the last lease out
+        returns it like an exclusive lease, or closes it for the reason it was retired.
         """
         if lease.released:
             raise RuntimeError("lease released twice")
@@ -658,8 +927,35 @@ class PoolCore(Generic[C]):
         self._unreported.pop(lease.id, None)
         entry = lease._entry
         server = self._servers[entry.server]
-        server.borrowed -= 1
-        self._borrowed_total -= 1
+        if lease.shared:
+            server.shared_leases -= 1
+            self._shared_leases_total -= 1
+            if suspect:
+                self._retire(entry, CloseReason.UNHEALTHY)
+            entry.shares -= 1
+            if entry.shares:
+                if (
+                    self._waiting_shared
+                    and entry.retired is None
+                    and entry.shares == self._share_cap - 1
+                ):
+                    self._assign_waiters(now)  # room again below the cap
+                return
+            # The last shared lease: the connection leaves shared service.
+            server.shared -= 1
+            if entry.retired is not None:
+                del self._retired[entry.id]
+                if not self.closing:
+                    self._close(entry, entry.retired)
+                    if self._waiters:
+                        self._assign_waiters(now)  # a slot freed for a dial
+                    return
+            else:
+                self._shared.remove(entry)
+            suspect = False  # a suspect release retired it above
+        else:
+            server.borrowed -= 1
+            self._borrowed_total -= 1
         if self.closing:
             self._close(entry, CloseReason.SHUTDOWN)
         elif suspect or not self._healthy(entry.conn):
@@ -683,8 +979,9 @@ class PoolCore(Generic[C]):
 
     # -- time ----------------------------------------------------------------------------
     def tick(self, now: float) -> None:
-        """Do what is due at ``now``: retire expired idle connections, detect leaks, and
-        serve waiters whose servers came out of backoff."""
+        """Do what is due at ``now``: retire expired idle connections (and expired ones in
+        shared service: no new leases), detect leaks, and serve waiters whose servers came
+        out of backoff."""
         expiry = self._expiry
         retired = False
         while expiry and (expiry[0][0] <= now or not expiry[0][1].alive):
@@ -693,7 +990,9 @@ class PoolCore(Generic[C]):
                 continue
             server = self._servers[entry.server]
             # A borrowed connection is never closed for age: it is retired on return.
-            if entry in server.idle:
+            if entry.shares:
+                self._retire(entry, CloseReason.EXPIRED)
+            elif entry in server.idle:
                 server.idle.remove(entry)
                 self._idle_total -= 1
                 self._close(entry, CloseReason.EXPIRED)
@@ -719,7 +1018,7 @@ class PoolCore(Generic[C]):
         """Start shutting down: close idle connections, fail the waiters.
 
         Leases and dials in progress finish normally; their connections are closed when
-        they come back.
+        they come back (a shared connection when its last lease comes back).
         """
         if self.closing:
             return
@@ -741,8 +1040,21 @@ class PoolCore(Generic[C]):
             self._unreported.pop(lease.id, None)
             lease.detached = True
             entry = lease._entry
-            self._servers[entry.server].borrowed -= 1
-            self._borrowed_total -= 1
+            server = self._servers[entry.server]
+            if lease.shared:
+                server.shared_leases -= 1
+                self._shared_leases_total -= 1
+                entry.shares -= 1
+                if entry.shares:
+                    continue
+                server.shared -= 1
+                if entry.retired is not None:
+                    del self._retired[entry.id]
+                else:
+                    self._shared.remove(entry)
+            else:
+                server.borrowed -= 1
+                self._borrowed_total -= 1
             self._close(entry, CloseReason.SHUTDOWN)
 
     def check(self) -> None:
@@ -750,17 +1062,45 @@ class PoolCore(Generic[C]):
         idle = sum(len(s.idle) for s in self._servers)
         borrowed = sum(s.borrowed for s in self._servers)
         dialing = sum(s.dialing for s in self._servers)
+        shared_leases = sum(s.shared_leases for s in self._servers)
         assert idle == self._idle_total, (idle, self._idle_total)
-        assert borrowed == self._borrowed_total == len(self._leases)
+        exclusive = [le for le in self._leases.values() if not le.shared]
+        assert borrowed == self._borrowed_total == len(exclusive)
+        assert shared_leases == self._shared_leases_total
+        assert shared_leases == len(self._leases) - len(exclusive)
         assert dialing == self._dialing_total == len(self._tickets)
+        assert self._shared_dialing == sum(t.shared for t in self._tickets.values())
+        assert self._waiting_shared == sum(w.shared for w in self._waiters)
+        in_service = self._shared + list(self._retired.values())
+        assert sum(s.shared for s in self._servers) == len(in_service)
+        for entry in self._shared:
+            assert entry.retired is None
+        for entry in self._retired.values():
+            assert entry.retired is not None
         seen: set[int] = set()
         for server in self._servers:
             assert len(server.idle) <= self._idle_max
             for entry in server.idle:
                 assert entry.alive
+                assert entry.shares == 0
                 assert entry.id not in seen
                 seen.add(entry.id)
-        for lease in self._leases.values():
+        for lease in exclusive:
             assert lease._entry.alive
+            assert lease._entry.shares == 0
             assert lease._entry.id not in seen
             seen.add(lease._entry.id)
+        shares: dict[int, int] = {}
+        for lease in self._leases.values():
+            if lease.shared:
+                shares[lease._entry.id] = shares.get(lease._entry.id, 0) + 1
+        for entry in in_service:
+            assert entry.alive
+            assert entry.id not in seen
+            seen.add(entry.id)
+            assert entry.shares == shares.pop(entry.id, 0) >= 1
+            if self._share_cap > 0:
+                assert entry.shares <= self._share_cap
+        assert not shares
+        for index, server in enumerate(self._servers):
+            assert server.shared == sum(1 for e in in_service if e.server == index)
