@@ -1262,8 +1262,9 @@ class Change:
     ``what`` is a side (``trionats``, ``raw``, ``raw_uvloop``) or a ratio (``ratio``,
     ``ratio_uvloop``); ``ours`` is False for the reference sides, whose changes say the
     machine or the load moved, not trionats. ``change_pct`` is None when the old median
-    is 0. ``verdict``: ``"worse"`` or ``"better"`` when the change is beyond the noise
-    band, else ``"noise"``.
+    is 0, ``band_pct`` too, or when there is no band. ``verdict``: ``"worse"`` or
+    ``"better"`` when the change is beyond the noise band, ``"noise"`` within it,
+    ``"unmeasured"`` when neither run had two repetitions.
     """
 
     scenario: str
@@ -1285,12 +1286,17 @@ class Change:
 def _change(
     scenario: str, what: str, figure: str, old: dict[str, float], new: dict[str, float]
 ) -> Change:
-    """The noise rule: the band is half of each run's min..max range, added, and at least
-    ``MIN_BAND`` of the old median; a difference of medians beyond it is a change."""
+    """One figure's verdict under the noise rule (see :func:`compare_reports`)."""
     delta = new["median"] - old["median"]
     base = abs(old["median"])
-    band = max(MIN_BAND * base, (old["max"] - old["min"] + new["max"] - new["min"]) / 2)
-    if abs(delta) <= band:
+    halves = [(s["max"] - s["min"]) / 2 if s["n"] >= 2 else None for s in (old, new)]
+    measured = [h for h in halves if h is not None]
+    band: float | None = None
+    if measured:  # a run of one repetition borrows the other run's spread
+        band = max(MIN_BAND * base, sum(measured) * 2 / len(measured))
+    if band is None:
+        verdict = "unmeasured"
+    elif abs(delta) <= band:
         verdict = "noise"
     else:
         up = delta > 0
@@ -1302,7 +1308,7 @@ def _change(
         old=old["median"],
         new=new["median"],
         change_pct=100 * delta / base if base else None,
-        band_pct=100 * band / base if base else None,
+        band_pct=100 * band / base if base and band is not None else None,
         verdict=verdict,
         ours=what not in SIDES or what == "trionats",
     )
@@ -1315,10 +1321,12 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     figure's median and spread from the repetitions in ``results``. Order: the new
     report's scenarios, then sides (trionats first), then ratios.
 
-    The noise rule, per figure: ``band = max(2% of the old median, (old max - old min +
-    new max - new min) / 2)``; the change (new median - old median) is ``"noise"`` within
-    the band, else ``"better"`` or ``"worse"`` by the figure's direction
-    (:func:`figure_better`). A worse trionats figure or ratio is a regression.
+    The noise rule, per figure: each run's half-range ``h = (max - min) / 2`` over its
+    repetitions; ``band = max(2% of the old median, h_old + h_new)``, where a run of a
+    single repetition (no spread) takes the other run's ``h``. The change (new median -
+    old median) is ``"noise"`` within the band, else ``"better"`` or ``"worse"`` by the
+    figure's direction (:func:`figure_better`); ``"unmeasured"`` when neither run
+    repeated (no band, nothing flagged). A worse trionats figure or ratio is a regression.
     """
     changes: list[Change] = []
     for scenario, new_sides in new["results"].items():
