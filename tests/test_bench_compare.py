@@ -92,7 +92,7 @@ def test_the_ratio_is_the_median_of_per_repetition_ratios() -> None:
 
 
 def test_summarize_skips_what_is_not_a_number_and_missing_sides() -> None:
-    sides = {
+    sides: dict[str, list[dict[str, Any]]] = {
         "trionats": [{"rate": 5.0, "note": "x", "ok": True}, {"rate": 7.0, "note": "y"}],
         "raw": [{"rate": 6.0}, {"rate": 6.0}],
         "raw_uvloop": [],
