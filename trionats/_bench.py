@@ -1111,7 +1111,8 @@ async def run_bench(
                     continue
                 raw = await _run_child(
                     _raw_command(scenario, url, n, config.size, config.concurrency, loop),
-                    f"raw nats-py child on {loop} ({scenario}, rep {rep + 1})",
+                    f"raw nats-py child{' on uvloop' if side == 'raw_uvloop' else ''} "
+                    f"({scenario}, rep {rep + 1})",
                     started,
                 )
                 results[scenario][side].append(raw)
