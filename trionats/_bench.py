@@ -1,10 +1,12 @@
 """``trionats bench``: trionats against raw nats-py on plain asyncio, in one run.
 
-Every scenario runs the same workload twice per repetition: once with trionats (in this
-process, on Trio) and once with raw nats-py on plain asyncio in a child process (importing
+Every scenario runs the same workload on each side per repetition: with trionats (in this
+process, on Trio), with raw nats-py on plain asyncio in a child process (importing
 trio_asyncio changes asyncio's loop policy for the whole process, which would slow the raw
-side down). Same server, same payloads; warm-up is excluded on both sides; repetitions
-are interleaved and the median and the spread (min..max) are reported.
+side down) and, with ``uvloop=True``, with raw nats-py on uvloop in another child. Same
+server, same payloads; warm-up is excluded on every side; repetitions are interleaved and
+each figure's median and spread (min, max, median absolute deviation) are reported.
+``compare_reports`` compares two reports figure by figure against a noise band.
 
 The child processes run under ``trio.run_process``: a cancel (Ctrl-C or SIGTERM in the
 CLI) stops them at once. Each child's stdin is a pipe whose other end only this process
