@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -77,7 +78,20 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["format"] == "trionats-bench"
+    assert report["format_version"] == 2
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", report["date"])
     assert report["machine"]["cpu_count"] >= 1
+    assert report["machine"]["nats-server"].count(".") == 2
+    assert report["config"]["reps"] == 1
+    assert report["config"]["uvloop"] is True  # uvloop is in the test extra
+    assert report["figures"]["p99_ms"]["better"] == "lower"
+    for scenario, sides in report["results"].items():
+        assert len(sides["trionats"]) == len(sides["raw"]) == 1, scenario
+        assert len(sides.get("raw_uvloop", [])) == (scenario != "subscriber_1ms"), scenario
+        assert report["stats"][scenario]["sides"]["trionats"]["rate"]["n"] == 1
+    assert report["summary"]["request"]["raw_uvloop_rate"] > 0
+    assert report["summary"]["request"]["ratio_uvloop"] > 0
     assert set(report["summary"]) == {
         "publish",
         "pubsub",
@@ -143,3 +157,85 @@ def test_demo_and_bench_do_not_need_pytest() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "health: OK" in out.stdout
+
+
+def _old_report(path: Path, **config: int) -> None:
+    """A hand-written --json report: publish, 2 repetitions, an impossible trionats rate."""
+    runs = {"trionats": [{"rate": 1e12}, {"rate": 1e12}], "raw": [{"rate": 1.0}, {"rate": 1.0}]}
+    report = {
+        "format": "trionats-bench",
+        "format_version": 2,
+        "date": "2026-01-01T00:00:00+00:00",
+        "config": {"count": 2000, "size": 128, "concurrency": 100, "reps": 2, **config},
+        "counts": {"publish": 2000},
+        "results": {"publish": runs},
+    }
+    path.write_text(json.dumps(report))
+
+
+def test_bench_compare_flags_a_regression(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    _old_report(old)
+    # no --scenario: the old report's scenarios (publish only)
+    assert main(["bench", "--quick", "--compare", str(old), "--json", str(new)]) == 0
+    out = capsys.readouterr().out
+    assert f"change since {old}" in out
+    rows = {line.split("│")[2].strip(): line for line in out.splitlines() if "│ publish" in line}
+    assert "REGRESSION" in rows["trionats rate"]
+    assert "reference better" in rows["raw rate"]
+    assert "REGRESSION" in rows["ratio vs raw"]
+    assert "raw uvloop rate" not in rows  # not in the old report
+    assert "regression(s) beyond the noise band: publish trionats rate -100.0%" in out
+    assert "note: this run has 1 repetition per figure" in out
+    assert set(json.loads(new.read_text())["results"]) == {"publish"}
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, "cannot read --compare .*: No such file or directory"),
+        (lambda p: p.write_text("[1, 2"), "is not JSON"),
+        (lambda p: p.write_text('{"results": {}, "format_version": 99}'), "newer trionats"),
+        (lambda p: _old_report(p, size=64), "ran with --size 64, this run with --size 128"),
+    ],
+)
+def test_bench_compare_refuses_a_bad_old_report_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: Any, message: str
+) -> None:
+    old = tmp_path / "old.json"
+    setup(old)
+    assert main(["bench", "--compare", str(old)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran: no table
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("trionats bench: ")
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_bench_uvloop_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--scenario", "request", "--json", str(out)]
+    assert main([*args, "--no-uvloop"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]["request"]) == {"trionats", "raw"}
+    assert "ratio_uvloop" not in report["summary"]["request"]
+    assert "raw uvloop" not in capsys.readouterr().out
+    monkeypatch.setattr("trionats._bench.uvloop_available", lambda: False)
+    assert main([*args, "--uvloop"]) == 1
+    err = capsys.readouterr().err
+    assert "trionats bench: --uvloop: uvloop is not installed" in err
+
+
+def test_bench_help_names_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "spread over them (default: 5)" in text
+    assert "--compare OLD_JSON" in text
+    assert "(default: on when uvloop is importable)" in text
+    assert "--no-uvloop" in text

@@ -1,10 +1,12 @@
 """``trionats bench``: trionats against raw nats-py on plain asyncio, in one run.
 
-Every scenario runs the same workload twice per repetition: once with trionats (in this
-process, on Trio) and once with raw nats-py on plain asyncio in a child process (importing
+Every scenario runs the same workload on each side per repetition: with trionats (in this
+process, on Trio), with raw nats-py on plain asyncio in a child process (importing
 trio_asyncio changes asyncio's loop policy for the whole process, which would slow the raw
-side down). Same server, same payloads; warm-up is excluded on both sides; repetitions
-are interleaved and the median and the spread (min..max) are reported.
+side down) and, with ``uvloop=True``, with raw nats-py on uvloop in another child. Same
+server, same payloads; warm-up is excluded on every side; repetitions are interleaved and
+each figure's median and spread (min, max, median absolute deviation) are reported.
+``compare_reports`` compares two reports figure by figure against a noise band.
 
 The child processes run under ``trio.run_process``: a cancel (Ctrl-C or SIGTERM in the
 CLI) stops them at once. Each child's stdin is a pipe whose other end only this process
@@ -118,9 +120,13 @@ def _latency_figures(rate: float, latencies: list[float]) -> dict[str, float]:
 
 # --------------------------------------------------------------- raw nats-py (child) --
 def raw_scenario(
-    scenario: str, url: str, count: int, size: int, concurrency: int
+    scenario: str, url: str, count: int, size: int, concurrency: int, loop: str = "asyncio"
 ) -> dict[str, Any]:
-    """The raw nats-py side: what a user of nats-py on plain asyncio would write."""
+    """The raw nats-py side: what a user of nats-py on plain asyncio would write.
+
+    ``loop="uvloop"`` runs the same code on uvloop's event loop (``uvloop.run``), what
+    asyncio users pick for speed: the "raw uvloop" reference column.
+    """
     import asyncio
 
     import nats
@@ -381,7 +387,21 @@ def raw_scenario(
         "subscriber": functools.partial(callback_subscriber, 0.0),
         "subscriber_1ms": functools.partial(callback_subscriber, 0.001),
     }
-    return asyncio.run(runs[scenario]())
+    return _asyncio_run(runs[scenario](), loop)
+
+
+def _asyncio_run(coro: Coroutine[Any, Any, dict[str, Any]], loop: str) -> dict[str, Any]:
+    """Run the raw side's coroutine on plain asyncio or, ``loop="uvloop"``, on uvloop."""
+    import asyncio
+
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    if loop != "asyncio":
+        coro.close()
+        raise ValueError(f"unknown event loop {loop!r}; choose asyncio or uvloop")
+    return asyncio.run(coro)
 
 
 # ---------------------------------------------------------------------- trionats --
@@ -773,6 +793,7 @@ async def build_c_client(workdir: str) -> str | None:
 
 # ------------------------------------------------------------------------ driver --
 _PARENT_PIPE_FLAG = "--exit-when-stdin-closes"
+_UVLOOP_FLAG = "--uvloop"
 
 
 def _redact(text: str) -> str:
@@ -843,8 +864,10 @@ async def _run_child(
         ) from None
 
 
-def _raw_command(scenario: str, url: str, count: int, size: int, concurrency: int) -> list[str]:
-    return [
+def _raw_command(
+    scenario: str, url: str, count: int, size: int, concurrency: int, loop: str = "asyncio"
+) -> list[str]:
+    command = [
         sys.executable,
         "-m",
         "trionats._bench",
@@ -855,10 +878,16 @@ def _raw_command(scenario: str, url: str, count: int, size: int, concurrency: in
         str(concurrency),
         _PARENT_PIPE_FLAG,
     ]
+    if loop == "uvloop":
+        command.append(_UVLOOP_FLAG)
+    return command
 
 
-async def check_server(url: str, timeout: float = 5.0) -> None:
+async def check_server(url: str, timeout: float = 5.0) -> str | None:
     """Fail fast when nothing answers at ``url``: a TCP connect, then the server's INFO.
+
+    Returns the server's version from its INFO (None for a websocket URL, or when INFO
+    does not say).
 
     Without it, the raw nats-py child would retry its first connect for about two
     minutes (nats-py's defaults) before it reports the failure.
@@ -882,12 +911,24 @@ async def check_server(url: str, timeout: float = 5.0) -> None:
                         raise BenchError(
                             f"{parsed.display} is not a NATS server (it sent {data[:40]!r})"
                         )
+                    return _server_version(data)
     except OSError as exc:
         raise BenchError(f"no NATS server answers at {parsed.display}: {exc}") from None
     except trio.TooSlowError:
         raise BenchError(
             f"no NATS server answers at {parsed.display}: no INFO within {timeout} s"
         ) from None
+    return None
+
+
+def _server_version(info: bytes) -> str | None:
+    """The ``version`` of a server's ``INFO {...}`` line, or None."""
+    try:
+        fields = json.loads(info[4:].split(b"\r\n", 1)[0])
+    except ValueError:
+        return None
+    version = fields.get("version") if isinstance(fields, dict) else None
+    return version if isinstance(version, str) else None
 
 
 def machine_facts() -> dict[str, Any]:
@@ -899,7 +940,7 @@ def machine_facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    for package in ("trionats", "trio", "trio-asyncio", "nats-py"):
+    for package in ("trionats", "trio", "trio-asyncio", "nats-py", "uvloop"):
         try:
             facts[package] = version(package)
         except Exception:  # pragma: no cover - not installed as a distribution
@@ -907,25 +948,157 @@ def machine_facts() -> dict[str, Any]:
     return facts
 
 
+# ---------------------------------------------------- repetitions, spread, report --
+#: The JSON report's format: ``format`` names it, ``format_version`` changes whenever a
+#: reader would need to (1: the reports written before the version was recorded, which
+#: ``--compare`` still reads).
+REPORT_FORMAT = "trionats-bench"
+REPORT_VERSION = 2
+#: The sides of a scenario, as keys of ``results[scenario]``.
+SIDES = {
+    "trionats": "trionats on Trio, in the bench process",
+    "raw": "raw nats-py on plain asyncio (asyncio.run), in a child process",
+    "raw_uvloop": "raw nats-py on uvloop (uvloop.run), in a child process",
+}
+#: The reference sides each trionats figure is divided by: ratio name -> side.
+RATIOS = {"ratio": "raw", "ratio_uvloop": "raw_uvloop"}
+#: The smallest noise band ``--compare`` uses, relative to the old median: with a single
+#: repetition there is no spread to measure.
+MIN_BAND = 0.02
+
+
+def has_uvloop_side(scenario: str) -> bool:
+    """Whether ``scenario`` also runs raw nats-py on uvloop (when uvloop is in use).
+
+    All but the JetStream scenarios (file storage, not the event loop, sets their pace)
+    and subscriber_1ms (one 1 ms callback at a time: the event loop is not what it
+    measures, and it is the slowest child).
+    """
+    return scenario not in JS_SCENARIOS and scenario != "subscriber_1ms"
+
+
+def uvloop_available() -> bool:
+    """Whether uvloop can be imported (the raw children use the same interpreter)."""
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def figure_better(figure: str) -> str:
+    """``"higher"`` or ``"lower"``: which way a figure improves.
+
+    Rates, ratios and reuse rates are better higher; times (``*_ms``, ``*_us``, ``*_s``)
+    and counts of lost work (``dropped``, ``failed``, ``errors``...) better lower.
+    """
+    if figure.endswith(("_ms", "_us", "_s")) or figure in ("dropped", "failed", "errors", "lost"):
+        return "lower"
+    return "higher"
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and spread of one figure's repetitions.
+
+    ``n``, ``median``, ``min``, ``max`` and ``mad`` (the median absolute deviation from
+    the median: robust to one disturbed repetition).
+    """
+    median = statistics.median(values)
+    return {
+        "n": len(values),
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "mad": statistics.median(abs(v - median) for v in values),
+    }
+
+
+def _numeric_figures(runs: list[dict[str, Any]]) -> list[str]:
+    """The figures every run has, as numbers (in the first run's order)."""
+    return [
+        key
+        for key, value in runs[0].items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and all(isinstance(run.get(key), int | float) for run in runs)
+    ]
+
+
+def scenario_stats(sides: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One scenario's figures, reduced: ``{"sides": {side: {figure: spread}}, "ratios":
+    {ratio: spread}}``.
+
+    A ratio is trionats's rate over a reference side's rate, taken per repetition (each
+    repetition's trionats run against the reference runs of the same repetition, run just
+    before it), then reduced like any figure: its median is the median of those ratios.
+    """
+    stats: dict[str, Any] = {"sides": {}, "ratios": {}}
+    for side, runs in sides.items():
+        if runs:
+            stats["sides"][side] = {
+                key: spread([float(run[key]) for run in runs]) for key in _numeric_figures(runs)
+            }
+    ours = sides.get("trionats", [])
+    for ratio, side in RATIOS.items():
+        pairs = list(zip(ours, sides.get(side, []), strict=False))
+        values = [
+            float(a["rate"]) / float(b["rate"])
+            for a, b in pairs
+            if isinstance(a.get("rate"), int | float) and isinstance(b.get("rate"), int | float)
+            if b["rate"] > 0
+        ]
+        if values:
+            stats["ratios"][ratio] = spread(values)
+    return stats
+
+
 def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
-    """Median and spread of each scenario's figures, and the trionats/raw ratio."""
+    """Median and spread of each scenario's figures, and the trionats/raw ratios, flat.
+
+    Per scenario: ``{side}_{figure}`` (the median), ``{side}_{figure}_min``, ``_max``,
+    ``_mad``; ``ratio`` (the median of the per-repetition trionats/raw ratios) with
+    ``ratio_min``, ``ratio_max``, ``ratio_mad``, and the same for ``ratio_uvloop`` (against
+    raw nats-py on uvloop) when that side ran.
+    """
     summary: dict[str, dict[str, Any]] = {}
     for scenario, sides in results.items():
+        stats = scenario_stats(sides)
         row: dict[str, Any] = {}
-        for side, runs in sides.items():
-            for key in runs[0]:
-                values = [run[key] for run in runs]
-                row[f"{side}_{key}"] = statistics.median(values)
-                row[f"{side}_{key}_min"] = min(values)
-                row[f"{side}_{key}_max"] = max(values)
-        ratios = [
-            ours["rate"] / raw["rate"]
-            for ours, raw in zip(sides["trionats"], sides["raw"], strict=True)
-        ]
-        row["ratio"] = row["trionats_rate"] / row["raw_rate"]
-        row["ratio_min"], row["ratio_max"] = min(ratios), max(ratios)
+        for side, figures in stats["sides"].items():
+            for key, s in figures.items():
+                row[f"{side}_{key}"] = s["median"]
+                for part in ("min", "max", "mad"):
+                    row[f"{side}_{key}_{part}"] = s[part]
+        for ratio, s in stats["ratios"].items():
+            row[ratio] = s["median"]
+            for part in ("min", "max", "mad"):
+                row[f"{ratio}_{part}"] = s[part]
         summary[scenario] = row
     return summary
+
+
+def _figure_notes(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """What each figure in ``results`` is: which way it improves, and its unit."""
+    units = {"rate": "per second", "reuse_rate": "fraction", "dropped": "messages"}
+    notes: dict[str, Any] = {}
+    for sides in results.values():
+        for runs in sides.values():
+            for key in _numeric_figures(runs) if runs else []:
+                unit = units.get(key) or (
+                    "milliseconds"
+                    if key.endswith("_ms")
+                    else "microseconds"
+                    if key.endswith("_us")
+                    else "seconds"
+                    if key.endswith("_s")
+                    else ""
+                )
+                notes[key] = {"better": figure_better(key), "unit": unit}
+    notes.update(
+        {
+            ratio: {"better": "higher", "unit": f"trionats rate / {side} rate"}
+            for ratio, side in RATIOS.items()
+        }
+    )
+    return notes
 
 
 async def run_bench(
@@ -936,27 +1109,38 @@ async def run_bench(
     c_binary: str | None = None,
     duration: float | None = None,
     started: Callable[[str, int], None] | None = None,
+    uvloop: bool = False,
 ) -> dict[str, Any]:
-    """Run the scenarios against ``url``; returns raw figures, the summary and machine facts.
+    """Run the scenarios against ``url``; returns the report (see ``--json``).
 
+    Each repetition runs every scenario in turn: raw nats-py on asyncio, then (``uvloop``
+    and :func:`has_uvloop_side`) raw nats-py on uvloop, then trionats, then the C client.
     ``progress(scenario, rep, side)`` is called after each single run, ``started(what,
     pid)`` when a child process starts.
 
     Raises:
         ValueError: an unknown scenario or a bad URL.
-        BenchError: nothing answers at ``url``, or a child failed (with its stderr).
+        BenchError: nothing answers at ``url``, uvloop was asked for and cannot be
+            imported, or a child failed (with its stderr).
     """
+    import datetime
+
     for scenario in scenarios:
         if scenario not in ALL_SCENARIOS:
             raise ValueError(
                 f"unknown scenario {scenario!r}; choose from {', '.join(ALL_SCENARIOS)}"
             )
-    await check_server(url)
+    if uvloop and not uvloop_available():
+        raise BenchError("uvloop is not installed (pip install uvloop; it is in trionats[test])")
+    server_version = await check_server(url)
     if any(scenario in JS_SCENARIOS for scenario in scenarios):
         await check_jetstream(url)
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        s: {"trionats": [], "raw": []} for s in scenarios
-    }
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for scenario in scenarios:
+        results[scenario] = {"trionats": [], "raw": []}
+        if uvloop and has_uvloop_side(scenario):
+            results[scenario]["raw_uvloop"] = []
     c_results: dict[str, list[dict[str, Any]]] = {}
     counts = {scenario: config.count_for(scenario) for scenario in scenarios}
     if duration is not None:
@@ -974,14 +1158,18 @@ async def run_bench(
     for rep in range(config.reps):
         for scenario in scenarios:
             n = counts[scenario]
-            raw = await _run_child(
-                _raw_command(scenario, url, n, config.size, config.concurrency),
-                f"raw nats-py child ({scenario}, rep {rep + 1})",
-                started,
-            )
-            results[scenario]["raw"].append(raw)
-            if progress:
-                progress(scenario, rep, "raw")
+            for side, loop in (("raw", "asyncio"), ("raw_uvloop", "uvloop")):
+                if side not in results[scenario]:
+                    continue
+                raw = await _run_child(
+                    _raw_command(scenario, url, n, config.size, config.concurrency, loop),
+                    f"raw nats-py child{' on uvloop' if side == 'raw_uvloop' else ''} "
+                    f"({scenario}, rep {rep + 1})",
+                    started,
+                )
+                results[scenario][side].append(raw)
+                if progress:
+                    progress(scenario, rep, side)
             ours = await trionats_scenario(scenario, url, n, config.size, config.concurrency)
             results[scenario]["trionats"].append(ours)
             if progress:
@@ -995,15 +1183,219 @@ async def run_bench(
                 c_results.setdefault(scenario, []).append(c)
     summary = summarize(results)
     for scenario, runs in c_results.items():
-        summary[scenario]["c_rate"] = statistics.median(run["rate"] for run in runs)
+        c_stats = spread([float(run["rate"]) for run in runs])
+        summary[scenario]["c_rate"] = c_stats["median"]
+        summary[scenario]["c_rate_min"] = c_stats["min"]
+        summary[scenario]["c_rate_max"] = c_stats["max"]
+    machine = machine_facts()
+    machine["nats-server"] = server_version or "unknown"
     return {
-        "config": asdict(config),
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "date": date,
+        "machine": machine,
+        "config": {**asdict(config), "uvloop": uvloop, "duration": duration},
         "counts": counts,
-        "machine": machine_facts(),
+        "sides": {side: text for side, text in SIDES.items() if side != "raw_uvloop" or uvloop},
+        "figures": _figure_notes(results),
         "results": results,
         "c_client": c_results,
+        "stats": {scenario: scenario_stats(sides) for scenario, sides in results.items()},
         "summary": summary,
     }
+
+
+# --------------------------------------------------------------------- --compare --
+def load_report(path: str) -> dict[str, Any]:
+    """Read and check a report written by ``--json``, for ``--compare``.
+
+    Raises:
+        BenchError: the file cannot be read, is not JSON, is not a bench report, or was
+            written in a format this version cannot read; one line saying which.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise BenchError(f"cannot read --compare {path}: {why}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BenchError(f"--compare {path} is not JSON: {exc}") from None
+    try:
+        return check_report(data)
+    except ValueError as exc:
+        raise BenchError(f"--compare {path}: {exc}") from None
+
+
+def check_report(data: Any) -> dict[str, Any]:
+    """``data`` if it is a bench report this version can compare; else ValueError (why).
+
+    A report has ``results``: ``{scenario: {side: [{figure: number}, ...]}}``, each run a
+    repetition. ``format_version`` 1 (no ``format`` key: the reports written before it
+    was recorded) and 2 are read.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ValueError('not a trionats bench report (no "results" object; write one with --json)')
+    fmt = data.get("format", REPORT_FORMAT)
+    if fmt != REPORT_FORMAT:
+        raise ValueError(f"not a trionats bench report (format {fmt!r})")
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= REPORT_VERSION:
+        raise ValueError(
+            f"format_version {version!r} is not one this trionats reads (1..{REPORT_VERSION}): "
+            "written by a newer trionats?"
+        )
+    for scenario, sides in data["results"].items():
+        if not isinstance(sides, dict):
+            raise ValueError(f"results[{scenario!r}] is not an object of sides")
+        for side, runs in sides.items():
+            if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+                raise ValueError(f"results[{scenario!r}][{side!r}] is not a list of runs")
+    if not any(runs for sides in data["results"].values() for runs in sides.values()):
+        raise ValueError("it holds no results")
+    return data
+
+
+def _object(report: dict[str, Any], key: str) -> dict[str, Any]:
+    value = report.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def check_comparable(old: dict[str, Any], config: BenchConfig, scenarios: list[str]) -> list[str]:
+    """Before the run: that ``old`` measured the same workload as this run will.
+
+    Returns warnings (differences that make figures move without being errors: message
+    counts, the machine).
+
+    Raises:
+        BenchError: another payload size or concurrency, or no scenario in common.
+    """
+    old_config = _object(old, "config")
+    for name in ("size", "concurrency"):
+        value = old_config.get(name)
+        if value is not None and value != getattr(config, name):
+            raise BenchError(
+                f"the --compare report ran with --{name} {value}, this run with "
+                f"--{name} {getattr(config, name)}: compare like with like"
+            )
+    common = [s for s in scenarios if s in old["results"]]
+    if not common:
+        raise BenchError(
+            f"the --compare report has none of the scenarios to run ({', '.join(scenarios)}); "
+            f"it has {', '.join(old['results']) or 'none'}"
+        )
+    warnings = []
+    old_counts = _object(old, "counts")
+    if old_config.get("reps", 2) < 2:
+        warnings.append("the old report has 1 repetition per figure: its spread is not measured")
+    if config.reps < 2:
+        warnings.append("this run has 1 repetition per figure: its spread is not measured")
+    changed = [
+        s for s in common if old_counts.get(s) is not None and old_counts[s] != config.count_for(s)
+    ]
+    if changed and old_config.get("duration") is None:
+        warnings.append(
+            f"other message counts than the old report ({', '.join(changed)}): figures may "
+            "move with the count"
+        )
+    machine = _object(old, "machine")
+    if machine.get("cpu_count") not in (None, os.cpu_count()):
+        warnings.append(
+            f"the old report ran on {machine['cpu_count']} CPUs, this machine has {os.cpu_count()}"
+        )
+    return warnings
+
+
+@dataclass(frozen=True)
+class Change:
+    """One figure of one scenario, old run against new run (see :func:`compare_reports`).
+
+    ``what`` is a side (``trionats``, ``raw``, ``raw_uvloop``) or a ratio (``ratio``,
+    ``ratio_uvloop``); ``ours`` is False for the reference sides, whose changes say the
+    machine or the load moved, not trionats. ``change_pct`` is None when the old median
+    is 0, ``band_pct`` too, or when there is no band. ``verdict``: ``"worse"`` or
+    ``"better"`` when the change is beyond the noise band, ``"noise"`` within it,
+    ``"unmeasured"`` when neither run had two repetitions.
+    """
+
+    scenario: str
+    what: str
+    figure: str
+    old: float
+    new: float
+    change_pct: float | None
+    band_pct: float | None
+    verdict: str
+    ours: bool
+
+    @property
+    def regression(self) -> bool:
+        """A trionats figure or a ratio got worse beyond the noise band."""
+        return self.ours and self.verdict == "worse"
+
+
+def _change(
+    scenario: str, what: str, figure: str, old: dict[str, float], new: dict[str, float]
+) -> Change:
+    """One figure's verdict under the noise rule (see :func:`compare_reports`)."""
+    delta = new["median"] - old["median"]
+    base = abs(old["median"])
+    halves = [(s["max"] - s["min"]) / 2 if s["n"] >= 2 else None for s in (old, new)]
+    measured = [h for h in halves if h is not None]
+    band: float | None = None
+    if measured:  # a run of one repetition borrows the other run's spread
+        band = max(MIN_BAND * base, sum(measured) * 2 / len(measured))
+    if band is None:
+        verdict = "unmeasured"
+    elif abs(delta) <= band:
+        verdict = "noise"
+    else:
+        up = delta > 0
+        verdict = "better" if up == (figure_better(figure) == "higher") else "worse"
+    return Change(
+        scenario=scenario,
+        what=what,
+        figure=figure,
+        old=old["median"],
+        new=new["median"],
+        change_pct=100 * delta / base if base else None,
+        band_pct=100 * band / base if base and band is not None else None,
+        verdict=verdict,
+        ours=what not in SIDES or what == "trionats",
+    )
+
+
+def compare_reports(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """Every figure present in both reports, old median against new median.
+
+    Pure: works on two reports as written by ``--json`` (format 1 or 2), recomputing each
+    figure's median and spread from the repetitions in ``results``. Order: the new
+    report's scenarios, then sides (trionats first), then ratios.
+
+    The noise rule, per figure: each run's half-range ``h = (max - min) / 2`` over its
+    repetitions; ``band = max(2% of the old median, h_old + h_new)``, where a run of a
+    single repetition (no spread) takes the other run's ``h``. The change (new median -
+    old median) is ``"noise"`` within the band, else ``"better"`` or ``"worse"`` by the
+    figure's direction (:func:`figure_better`); ``"unmeasured"`` when neither run
+    repeated (no band, nothing flagged). A worse trionats figure or ratio is a regression.
+    """
+    changes: list[Change] = []
+    for scenario, new_sides in new["results"].items():
+        old_sides = old["results"].get(scenario)
+        if not old_sides:
+            continue
+        a, b = scenario_stats(old_sides), scenario_stats(new_sides)
+        order = ["trionats"] + [side for side in b["sides"] if side != "trionats"]
+        for side in order:
+            for figure, s in b["sides"].get(side, {}).items():
+                if figure in a["sides"].get(side, {}):
+                    changes.append(_change(scenario, side, figure, a["sides"][side][figure], s))
+        for ratio, s in b["ratios"].items():
+            if ratio in a["ratios"]:
+                changes.append(_change(scenario, ratio, ratio, a["ratios"][ratio], s))
+    return changes
 
 
 def _exit_when_stdin_closes() -> None:
@@ -1025,5 +1417,9 @@ if __name__ == "__main__":  # the raw nats-py child process
     if _PARENT_PIPE_FLAG in sys.argv:
         sys.argv.remove(_PARENT_PIPE_FLAG)
         _exit_when_stdin_closes()
+    _loop = "asyncio"
+    if _UVLOOP_FLAG in sys.argv:
+        sys.argv.remove(_UVLOOP_FLAG)
+        _loop = "uvloop"
     _scenario, _url, _count, _size, _conc = sys.argv[1:6]
-    print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc))))
+    print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc), _loop)))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._bench import ALL_SCENARIOS
 from ._errors import reraise_unwrapped
 from ._server import monitor_json, open_nats_cluster, open_nats_server
 
@@ -185,27 +186,220 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    """``trionats bench``: run, show a progress bar, print a table, write JSON."""
+def _bench_config(args: argparse.Namespace) -> Any:
+    """The ``BenchConfig`` of ``trionats bench``'s arguments (``--quick``: 2000, 1 rep)."""
+    from ._bench import BenchConfig
+
+    if args.quick:
+        return BenchConfig(count=2000, size=args.size, concurrency=args.concurrency, reps=1)
+    return BenchConfig(
+        count=args.count, size=args.size, concurrency=args.concurrency, reps=args.reps
+    )
+
+
+def _prepare_bench(args: argparse.Namespace) -> None:
+    """Before anything runs: settle uvloop and the scenarios, read and check ``--compare``.
+
+    Sets ``args.uvloop`` (True/False), ``args.scenario`` (the list to run: with
+    ``--compare`` and no ``--scenario``, the old report's) and ``args.old_report``.
+
+    Raises:
+        BenchError: ``--uvloop`` without uvloop installed, or a ``--compare`` file that
+            is missing, not a report, or measured another workload (one line each).
+    """
+    from ._bench import (
+        ALL_SCENARIOS,
+        SCENARIOS,
+        BenchError,
+        check_comparable,
+        load_report,
+        uvloop_available,
+    )
+
+    if args.uvloop is None:
+        args.uvloop = uvloop_available()
+    elif args.uvloop and not uvloop_available():
+        raise BenchError(
+            "--uvloop: uvloop is not installed (pip install uvloop; it is in trionats[test])"
+        )
+    args.old_report = None
+    args.compare_warnings = []
+    if args.compare is not None:
+        old = load_report(args.compare)
+        if not args.scenario:
+            args.scenario = [s for s in old["results"] if s in ALL_SCENARIOS]
+            if not args.scenario:
+                raise BenchError(
+                    f"--compare {args.compare} has no scenario this trionats knows "
+                    f"({', '.join(old['results'])})"
+                )
+        args.compare_warnings = check_comparable(old, _bench_config(args), args.scenario)
+        args.old_report = old
+    args.scenario = args.scenario or list(SCENARIOS)
+
+
+def _rate(stats: dict[str, float] | None) -> str:
+    """A rate with its spread: ``27,229/s ±4%``, ± being half the min..max range."""
+    if stats is None:
+        return "-"
+    median = stats["median"]
+    if stats["n"] < 2:  # one repetition: no spread to show
+        return f"{median:,.0f}/s"
+    half = 100 * (stats["max"] - stats["min"]) / 2 / median if median else 0.0
+    return f"{median:,.0f}/s ±{half:.0f}%"
+
+
+def _ratio(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    if stats["n"] < 2:
+        return f"{stats['median']:.2f}x"
+    return f"{stats['median']:.2f}x ({stats['min']:.2f}-{stats['max']:.2f})"
+
+
+#: Scenarios explained by the table's caption (marked "(*)").
+_CAPTIONED = {"pool", "pool_shared"}
+
+
+def _print_bench_table(report: dict[str, Any], reps: int, with_c: bool) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from ._bench import SCENARIOS, BenchConfig, build_c_client, check_server, run_bench
-
-    scenarios = args.scenario or list(SCENARIOS)
-    config = (
-        BenchConfig(count=2000, size=args.size, concurrency=args.concurrency, reps=1)
-        if args.quick
-        else BenchConfig(
-            count=args.count, size=args.size, concurrency=args.concurrency, reps=args.reps
-        )
+    uvloop = any("raw_uvloop" in sides for sides in report["results"].values())
+    table = Table(
+        title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs; median of "
+        f"{reps}; ±: half the min..max range, in % of the median; ratio: median of the "
+        "per-repetition ratios (min-max); latency trionats / raw)"
     )
+    columns = ["scenario", "raw nats-py", "trionats", "ratio"]
+    if uvloop:
+        columns[2:2] = ["raw uvloop"]
+        columns.append("vs uvloop")
+    columns += ["p50 ms", "p99 ms"]
+    if with_c:
+        columns.append("C libnats")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for scenario, row in report["summary"].items():
+        stats = report["stats"][scenario]
+        sides, ratios = stats["sides"], stats["ratios"]
+        p50 = p99 = ""
+        if "raw_p99_ms" in row and "trionats_p99_ms" in row:  # trionats / raw
+            p50 = f"{row['trionats_p50_ms']:.2f} / {row['raw_p50_ms']:.2f}"
+            p99 = f"{row['trionats_p99_ms']:.2f} / {row['raw_p99_ms']:.2f}"
+        ratio, ratio_uvloop = _ratio(ratios.get("ratio")), _ratio(ratios.get("ratio_uvloop"))
+        name = scenario
+        if scenario in _CAPTIONED:
+            name = f"{scenario} (*)"
+        cells = [name, _rate(sides["raw"].get("rate")), _rate(sides["trionats"].get("rate")), ratio]
+        if uvloop:
+            cells[2:2] = [_rate(sides.get("raw_uvloop", {}).get("rate"))]
+            cells.append(ratio_uvloop)
+        cells += [p50, p99]
+        if with_c:
+            cells.append(f"{row['c_rate']:,.0f}/s" if "c_rate" in row else "-")
+        table.add_row(*cells)
+    if _CAPTIONED & set(report["summary"]):
+        table.caption = _POOL_CAPTION
+    out = Console()
+    out.width = max(out.width, 160 if uvloop else 130)
+    out.print(table)
+
+
+def _figure_text(figure: str, value: float) -> str:
+    if figure.startswith("ratio"):
+        return f"{value:.2f}x"
+    if figure == "rate":
+        return f"{value:,.0f}/s"
+    if figure.endswith("_ms"):
+        return f"{value:.2f} ms"
+    return f"{value:.3g}"
+
+
+def _print_comparison(
+    old: dict[str, Any], report: dict[str, Any], path: str, warnings: list[str]
+) -> None:
+    """``--compare``: each figure's change since the old report, regressions flagged."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ._bench import Change, compare_reports
+
+    changes = compare_reports(old, report)
+    when = old.get("date", "date not recorded")
+    table = Table(
+        title=f"change since {path} ({when}); band: half of each run's min..max range, "
+        "added (at least 2%); read the ratios first"
+    )
+    for column in ("scenario", "figure", "old", "new", "change", "band", "verdict"):
+        table.add_column(
+            column, justify="left" if column in ("scenario", "figure", "verdict") else "right"
+        )
+    names = {"ratio": "ratio vs raw", "ratio_uvloop": "ratio vs uvloop"}
+    for c in changes:
+        figure = names.get(c.what) or f"{c.what.replace('_', ' ')} {c.figure}"
+        if c.verdict == "noise":
+            verdict = "within noise"
+        elif c.verdict == "unmeasured":
+            verdict = "no spread (1 rep)"
+        elif c.ours:
+            verdict = "REGRESSION" if c.regression else "improved"
+        else:  # a reference side: the machine or its load moved, not trionats
+            verdict = f"reference {c.verdict}"
+        table.add_row(
+            c.scenario,
+            figure,
+            _figure_text(c.figure, c.old),
+            _figure_text(c.figure, c.new),
+            "n/a" if c.change_pct is None else f"{c.change_pct:+.1f}%",
+            "n/a" if c.band_pct is None else f"{c.band_pct:.1f}%",
+            verdict,
+        )
+    out = Console()
+    out.width = max(out.width, 110)
+    out.print(table)
+    for warning in warnings:
+        _say(f"note: {warning}")
+    regressions = [c for c in changes if c.regression]
+    # an absolute trionats figure whose raw reference got worse too: the machine moved
+    reference_worse = {
+        (c.scenario, c.figure) for c in changes if c.what == "raw" and c.verdict == "worse"
+    }
+
+    def name(c: Change) -> str:
+        text = f"{c.scenario} {names.get(c.what) or c.what + ' ' + c.figure}"
+        if c.change_pct is not None:
+            text += f" {c.change_pct:+.1f}%"
+        if c.what == "trionats" and (c.scenario, c.figure) in reference_worse:
+            text += " (raw worse too)"
+        return text
+
+    if regressions:
+        listed = ", ".join(name(c) for c in regressions)
+        _say(f"{len(regressions)} regression(s) beyond the noise band: {listed}")
+    elif all(c.verdict == "unmeasured" for c in changes):
+        _say("no verdicts: neither run repeated its figures, so there is no noise band")
+    else:
+        _say(f"no regression beyond the noise band ({len(changes)} figures compared)")
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """``trionats bench``: run, show a progress bar, print a table, compare, write JSON."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ._bench import build_c_client, check_server, has_uvloop_side, run_bench
+
+    if not hasattr(args, "old_report"):  # called directly, not through main()
+        _prepare_bench(args)
+    scenarios = args.scenario
+    config = _bench_config(args)
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        task = progress.add_task("benchmarking", total=2 * config.reps * len(scenarios))
+        runs = sum(2 + (args.uvloop and has_uvloop_side(s)) for s in scenarios)
+        task = progress.add_task("benchmarking", total=config.reps * runs)
 
         def advance(scenario: str, rep: int, side: str) -> None:
             progress.update(task, advance=1, description=f"{scenario} rep {rep + 1} {side}")
@@ -225,43 +419,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 url = server.url
                 started(f"embedded nats-server at {url}", server.pid or 0)
             report = await run_bench(
-                url, scenarios, config, advance, c_binary, args.duration, started
+                url, scenarios, config, advance, c_binary, args.duration, started, args.uvloop
             )
-    table = Table(
-        title=f"trionats vs raw nats-py ({report['machine']['cpu_count']} CPUs; "
-        f"median of {config.reps}, latency trionats / raw)"
-    )
-    columns = ["scenario", "raw nats-py", "trionats", "ratio", "spread", "p50 ms", "p99 ms"]
-    if args.with_c:
-        columns.append("C libnats")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "scenario" else "right")
-    for scenario, row in report["summary"].items():
-        p50 = p99 = ""
-        if "raw_p99_ms" in row:  # trionats / raw
-            p50 = f"{row['trionats_p50_ms']:.2f} / {row['raw_p50_ms']:.2f}"
-            p99 = f"{row['trionats_p99_ms']:.2f} / {row['raw_p99_ms']:.2f}"
-        ratio = f"{row['ratio']:.2f}x"
-        spread = f"{row['ratio_min']:.2f}..{row['ratio_max']:.2f}"
-        if scenario in ("pool", "pool_shared"):
-            scenario += " (*)"
-        cells = [
-            scenario,
-            f"{row['raw_rate']:,.0f}/s",
-            f"{row['trionats_rate']:,.0f}/s",
-            ratio,
-            spread,
-            p50,
-            p99,
-        ]
-        if args.with_c:
-            cells.append(f"{row['c_rate']:,.0f}/s" if "c_rate" in row else "-")
-        table.add_row(*cells)
-    if "pool" in report["summary"] or "pool_shared" in report["summary"]:
-        table.caption = _POOL_CAPTION
-    out = Console()
-    out.width = max(out.width, 110)
-    out.print(table)
+    _print_bench_table(report, config.reps, args.with_c)
+    if args.old_report is not None:
+        _print_comparison(args.old_report, report, args.compare, args.compare_warnings)
     if args.json:
         with open(args.json, "w") as f:  # noqa: ASYNC230 - once, at the end
             json.dump(report, f, indent=2)
@@ -343,18 +505,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     p_bench.add_argument(
         "--scenario",
         action="append",
-        choices=[
-            "publish",
-            "pubsub",
-            "request",
-            "pool",
-            "pool_shared",
-            "subscriber",
-            "subscriber_1ms",
-            "js_publish",
-            "js_publish_async",
-            "js_consume",
-        ],
+        choices=ALL_SCENARIOS,
         help="repeat to pick several (default: all but the JetStream ones, js_publish, "
         "js_publish_async and js_consume, which are opt-in and need a server with "
         "JetStream)",
@@ -367,8 +518,15 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         default=None,
         help="seconds per run (calibrated), instead of --count (default: off)",
     )
-    p_bench.add_argument("--reps", type=int, default=3, help="repetitions (the median is shown)")
-    size_group.add_argument("--quick", action="store_true", help="2000 messages, 1 repetition")
+    p_bench.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="repetitions: each figure shows the median and the spread over them",
+    )
+    size_group.add_argument(
+        "--quick", action="store_true", help="2000 messages, 1 repetition (no spread)"
+    )
     p_bench.add_argument("--size", type=int, default=128, help="payload bytes")
     p_bench.add_argument("--concurrency", type=int, default=100, help="concurrent requesters")
     p_bench.add_argument(
@@ -380,6 +538,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         metavar="FILE",
         help="write every figure and the machine facts to FILE, checked before the run "
         "(default: none)",
+    )
+    p_bench.add_argument(
+        "--compare",
+        default=None,
+        metavar="OLD_JSON",
+        help="after the run, show each figure's change since OLD_JSON (written by --json) "
+        "and flag regressions beyond the noise band of both runs' repetitions; runs "
+        "OLD_JSON's scenarios unless --scenario is given; checked before the run "
+        "(default: none)",
+    )
+    p_bench.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run raw nats-py on uvloop, a reference column (all scenarios but "
+        "subscriber_1ms and the JetStream ones) (default: on when uvloop is importable)",
     )
     p_bench.add_argument(
         "--with-c", action="store_true", help="add the C client libnats as the ceiling"
@@ -495,8 +669,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(args, command)
     prefix = f"trionats {args.command}"
     try:
-        if args.command == "bench" and args.json:
-            _check_writable(args.json)
+        if args.command == "bench":
+            _prepare_bench(args)
+            if args.json:
+                _check_writable(args.json)
         if args.command == "demo":
             stopped_by = _run_until_signal(demo, args.messages, args.requests)
         elif args.command == "bench":
