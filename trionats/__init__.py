@@ -10,6 +10,10 @@ Layers (imports point downward only)::
     _subscriber, _pool   ->   _connection   ->   _bridge (asyncio, trio_asyncio, nats)
 """
 
+from ._batch import BatchPublisher as BatchPublisher
+from ._batch import BatchPublishError as BatchPublishError
+from ._batch import BatchPublisherStats as BatchPublisherStats
+from ._batch import open_batch_publisher as open_batch_publisher
 from ._config import PoolConfig as PoolConfig
 from ._connect import open_connection as open_connection
 from ._connection import Connection as Connection
@@ -71,6 +75,9 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AckPolicy",
+    "BatchPublishError",
+    "BatchPublisher",
+    "BatchPublisherStats",
     "CloseReason",
     "CloseStats",
     "ConnectError",
@@ -121,6 +128,7 @@ __all__ = [
     "TimeoutError",
     "TrionatsError",
     "find_nats_server",
+    "open_batch_publisher",
     "open_connection",
     "open_nats_cluster",
     "open_nats_server",
