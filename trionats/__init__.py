@@ -56,6 +56,12 @@ from ._pool import Pool as Pool
 from ._pool import PoolStats as PoolStats
 from ._pool import ServerStats as ServerStats
 from ._pool import open_pool as open_pool
+from ._profiler import OperationReport as OperationReport
+from ._profiler import PerformanceProfiler as PerformanceProfiler
+from ._profiler import ProfilerReport as ProfilerReport
+from ._profiler import Trend as Trend
+from ._profiler import TrendReport as TrendReport
+from ._profiler import WindowReport as WindowReport
 from ._server import NatsServer as NatsServer
 from ._server import find_nats_server as find_nats_server
 from ._server import open_nats_cluster as open_nats_cluster
@@ -105,11 +111,14 @@ __all__ = [
     "MsgMetadata",
     "NatsServer",
     "NoRespondersError",
+    "OperationReport",
+    "PerformanceProfiler",
     "Pool",
     "PoolClosedError",
     "PoolConfig",
     "PoolStats",
     "PoolTimeoutError",
+    "ProfilerReport",
     "PubAck",
     "PubAckFuture",
     "Publisher",
@@ -126,7 +135,10 @@ __all__ = [
     "SubscriptionClosedError",
     "SubscriptionHandle",
     "TimeoutError",
+    "Trend",
+    "TrendReport",
     "TrionatsError",
+    "WindowReport",
     "find_nats_server",
     "open_batch_publisher",
     "open_connection",
