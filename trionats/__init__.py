@@ -74,6 +74,8 @@ from ._subscriber import SubscriberConfig as SubscriberConfig
 from ._subscriber import SubscriberStats as SubscriberStats
 from ._subscriber import SubscriptionHandle as SubscriptionHandle
 from ._subscriber import open_subscriber as open_subscriber
+from ._subscriber_batch import BatchHandle as BatchHandle
+from ._subscriber_batch import BatchHandler as BatchHandler
 from ._subscription import Subscription as Subscription
 from ._validate import ServerURL as ServerURL
 
@@ -81,6 +83,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AckPolicy",
+    "BatchHandle",
+    "BatchHandler",
     "BatchPublishError",
     "BatchPublisher",
     "BatchPublisherStats",
