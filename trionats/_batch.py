@@ -110,6 +110,9 @@ class BatchPublisher:
         self, conn: Connection, max_batch: int, max_delay: float, flush_timeout: float
     ) -> None:
         self._conn = conn
+        # max_payload as last read: a message over it is checked against the live value
+        # (it changes only when a reconnect lands on another server)
+        self._limit = conn.max_payload
         self.max_batch = max_batch
         self.max_delay = max_delay
         self._flush_timeout = flush_timeout
@@ -169,15 +172,16 @@ class BatchPublisher:
             from ._bridge import encode_headers
 
             size += len(encode_headers(headers))
-        limit = self._conn.max_payload
-        if size > limit:
+        limit = self._limit
+        if size > limit and size > (limit := self._conn.max_payload):
             raise ValueError(
                 f"message of {size} bytes (headers included) exceeds the server's "
                 f"max_payload of {limit} bytes"
             )
         buffer = self._buffer
         while True:
-            self._check_usable()
+            if self._error is not None or self._closing:
+                self._check_usable()
             if len(buffer) < self.max_batch:
                 break
             await self._room.park()  # cancellable: nothing accepted yet
@@ -272,9 +276,11 @@ class BatchPublisher:
             with trio.CancelScope(
                 shield=True, deadline=trio.current_time() + self._flush_timeout
             ) as scope:
+                publish = conn._publish  # validated at publish(); no cancel in this scope
                 for subject, data, reply, headers in batch:
-                    await conn.publish(subject, data, reply=reply or None, headers=headers)
+                    await publish(subject, data, reply, headers)
                 await conn.flush(timeout=None)
+                self._limit = conn.max_payload
             if scope.cancelled_caught:
                 raise _errors.TimeoutError(
                     f"a batch of {n} messages was not confirmed within {self._flush_timeout} s"
