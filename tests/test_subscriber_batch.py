@@ -136,6 +136,7 @@ async def test_slots_are_shared_with_single_message_handlers(nats_url: str) -> N
         await publish_n(pub, "b.share", 5)
         await wait_until(lambda: bh.stats().in_flight == 5)
         await publish_n(pub, "b.single", 3)
+        await wait_until(lambda: sh.stats().pending == 3)  # delivered, and waiting
         await trio.testing.wait_all_tasks_blocked()
         assert singles == 0  # every slot is held by the batch
         assert sh.stats().pending == 3
