@@ -65,6 +65,18 @@ def test_public_names_are_pinned() -> None:
         "KvEntry",
         "PubAckFuture",
         "Publisher",
+        "BatchHandle",
+        "BatchHandler",
+        "BatchPublishError",
+        "BatchPublisher",
+        "BatchPublisherStats",
+        "open_batch_publisher",
+        "OperationReport",
+        "PerformanceProfiler",
+        "ProfilerReport",
+        "Trend",
+        "TrendReport",
+        "WindowReport",
     }
     assert expected <= set(trionats.__all__)
     for name in trionats.__all__:

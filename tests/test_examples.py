@@ -41,6 +41,7 @@ def test_every_example_is_run_here() -> None:
         "pool_concurrency.py",
         "subscriber_handlers.py",
         "graceful_shutdown.py",
+        "batch_processing.py",
     }
     assert {p.name for p in (EXAMPLES / "testing").glob("test_*.py")} == {"test_service.py"}
 
@@ -53,6 +54,11 @@ def test_every_example_is_run_here() -> None:
         (
             "subscriber_handlers.py",
             r"b'done 42'\nreceived 101: processed 81, failed 10, timed out 10, dropped 0",
+        ),
+        (
+            "batch_processing.py",
+            r"published 5000, lost 0, in \d+ batches\nstored 5000 events: processed 5000, "
+            r"dropped 0\nbulk inserts: \d+ runs",
         ),
     ],
 )

@@ -10,6 +10,10 @@ Layers (imports point downward only)::
     _subscriber, _pool   ->   _connection   ->   _bridge (asyncio, trio_asyncio, nats)
 """
 
+from ._batch import BatchPublisher as BatchPublisher
+from ._batch import BatchPublishError as BatchPublishError
+from ._batch import BatchPublisherStats as BatchPublisherStats
+from ._batch import open_batch_publisher as open_batch_publisher
 from ._config import PoolConfig as PoolConfig
 from ._connect import open_connection as open_connection
 from ._connection import Connection as Connection
@@ -52,6 +56,12 @@ from ._pool import Pool as Pool
 from ._pool import PoolStats as PoolStats
 from ._pool import ServerStats as ServerStats
 from ._pool import open_pool as open_pool
+from ._profiler import OperationReport as OperationReport
+from ._profiler import PerformanceProfiler as PerformanceProfiler
+from ._profiler import ProfilerReport as ProfilerReport
+from ._profiler import Trend as Trend
+from ._profiler import TrendReport as TrendReport
+from ._profiler import WindowReport as WindowReport
 from ._server import NatsServer as NatsServer
 from ._server import find_nats_server as find_nats_server
 from ._server import open_nats_cluster as open_nats_cluster
@@ -64,6 +74,8 @@ from ._subscriber import SubscriberConfig as SubscriberConfig
 from ._subscriber import SubscriberStats as SubscriberStats
 from ._subscriber import SubscriptionHandle as SubscriptionHandle
 from ._subscriber import open_subscriber as open_subscriber
+from ._subscriber_batch import BatchHandle as BatchHandle
+from ._subscriber_batch import BatchHandler as BatchHandler
 from ._subscription import Subscription as Subscription
 from ._validate import ServerURL as ServerURL
 
@@ -71,6 +83,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AckPolicy",
+    "BatchHandle",
+    "BatchHandler",
+    "BatchPublishError",
+    "BatchPublisher",
+    "BatchPublisherStats",
     "CloseReason",
     "CloseStats",
     "ConnectError",
@@ -98,11 +115,14 @@ __all__ = [
     "MsgMetadata",
     "NatsServer",
     "NoRespondersError",
+    "OperationReport",
+    "PerformanceProfiler",
     "Pool",
     "PoolClosedError",
     "PoolConfig",
     "PoolStats",
     "PoolTimeoutError",
+    "ProfilerReport",
     "PubAck",
     "PubAckFuture",
     "Publisher",
@@ -119,8 +139,12 @@ __all__ = [
     "SubscriptionClosedError",
     "SubscriptionHandle",
     "TimeoutError",
+    "Trend",
+    "TrendReport",
     "TrionatsError",
+    "WindowReport",
     "find_nats_server",
+    "open_batch_publisher",
     "open_connection",
     "open_nats_cluster",
     "open_nats_server",

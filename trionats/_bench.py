@@ -36,7 +36,15 @@ if TYPE_CHECKING:
     from ._jetstream import JsMsg
     from ._msg import Msg
 
-__all__ = ["ALL_SCENARIOS", "JS_SCENARIOS", "SCENARIOS", "BenchConfig", "BenchError", "run_bench"]
+__all__ = [
+    "ALL_SCENARIOS",
+    "BATCH_SCENARIOS",
+    "JS_SCENARIOS",
+    "SCENARIOS",
+    "BenchConfig",
+    "BenchError",
+    "run_bench",
+]
 
 
 class BenchError(TrionatsError):
@@ -61,8 +69,18 @@ POOL_SIZE = 32
 #: Opt-in (``--scenario js_publish`` ...), not in the default run: they need a server with
 #: JetStream and file storage, and a synchronous JetStream publish is slow.
 JS_SCENARIOS = ("js_publish", "js_publish_async", "js_consume")
-ALL_SCENARIOS = SCENARIOS + JS_SCENARIOS
+#: Opt-in as well: the batch publisher against a publish + flush per message.
+BATCH_SCENARIOS = ("batch_publish",)
+ALL_SCENARIOS = SCENARIOS + JS_SCENARIOS + BATCH_SCENARIOS
 WARMUP = 1000
+BATCH_MAX = 1000  # batch_publish: messages per batch (trionats), per flush (raw)
+
+
+def _flush_each_count(count: int) -> int:
+    """batch_publish: messages of the publish + flush per message runs (they are slow)."""
+    return max(100, count // 20)
+
+
 JS_WARMUP = 100
 JS_BATCH = 256
 
@@ -375,7 +393,31 @@ def raw_scenario(
         await nc.close()
         return {"rate": count / dt}
 
+    async def batch_publish() -> dict[str, Any]:
+        # rate: publish + flush per message (the unbatched habit); batched_rate: what a
+        # nats-py user batches by hand, a flush every BATCH_MAX publishes
+        nc = await nats.connect(url)
+        for _ in range(WARMUP):
+            await nc.publish("bench.warm", payload)
+        await nc.flush()
+        n = _flush_each_count(count)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await nc.publish("bench.batch", payload)
+            await nc.flush()
+        rate = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(count):
+            await nc.publish("bench.batch", payload)
+            if (i + 1) % BATCH_MAX == 0:
+                await nc.flush()
+        await nc.flush()
+        batched = count / (time.perf_counter() - t0)
+        await nc.close()
+        return {"rate": rate, "batched_rate": batched}
+
     runs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
+        "batch_publish": batch_publish,
         "js_publish": functools.partial(js_publish, False),
         "js_publish_async": functools.partial(js_publish, True),
         "js_consume": js_consume,
@@ -472,6 +514,8 @@ async def trionats_scenario(
 
     if scenario in ("pool", "pool_shared"):
         return await _trionats_pool(url, count, payload, concurrency, scenario == "pool_shared")
+    if scenario == "batch_publish":
+        return await _trionats_batch_publish(url, count, payload)
     if scenario in ("js_publish", "js_publish_async"):
         return await _trionats_js_publish(url, count, payload, scenario)
     if scenario == "js_consume":
@@ -561,6 +605,30 @@ async def _trionats_pool(
         "reuse_rate": reused / max(1, created + reused),
         "borrow_p99_ms": 1000 * waits[min(len(waits) - 1, int(len(waits) * 0.99))],
     }
+
+
+async def _trionats_batch_publish(url: str, count: int, payload: bytes) -> dict[str, Any]:
+    """rate: ``open_batch_publisher(max_batch=BATCH_MAX)``, the block's exit (every batch
+    confirmed) timed; unbatched_rate: ``publish`` + ``flush`` per message."""
+    from ._batch import open_batch_publisher
+    from ._connect import open_connection
+
+    async with open_connection(url) as nc:
+        for _ in range(WARMUP):
+            await nc.publish("bench.warm", payload)
+        await nc.flush()
+        t0 = time.perf_counter()
+        async with open_batch_publisher(nc, max_batch=BATCH_MAX) as bp:
+            for _ in range(count):
+                await bp.publish("bench.batch", payload)
+        rate = count / (time.perf_counter() - t0)
+        n = _flush_each_count(count)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await nc.publish("bench.batch", payload)
+            await nc.flush()
+        unbatched = n / (time.perf_counter() - t0)
+    return {"rate": rate, "unbatched_rate": unbatched, "batches": bp.stats().batches}
 
 
 async def _trionats_subscriber(

@@ -508,7 +508,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         choices=ALL_SCENARIOS,
         help="repeat to pick several (default: all but the JetStream ones, js_publish, "
         "js_publish_async and js_consume, which are opt-in and need a server with "
-        "JetStream)",
+        "JetStream, and batch_publish, opt-in)",
     )
     size_group = p_bench.add_mutually_exclusive_group()
     size_group.add_argument("--count", type=int, default=100_000, help="messages per run")

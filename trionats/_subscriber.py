@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from ._connection import Connection
     from ._msg import Msg
     from ._pool import Pool
+    from ._subscriber_batch import BatchHandle, BatchHandler
     from ._subscription import Subscription
 
 __all__ = [
@@ -1181,7 +1182,7 @@ class Subscriber:
         self._core = _SubscriberCore(config.max_workers)
         self._slot_freed = ParkingLot()
         # insertion-ordered set
-        self._active: dict[SubscriptionHandle | JetStreamHandle, None] = {}
+        self._active: dict[SubscriptionHandle | JetStreamHandle | BatchHandle, None] = {}
         self._closing = False
         # Once open_subscriber has exited, the connection may be gone (a pooled
         # connection's lease ended with the block): stats() reports this snapshot.
@@ -1386,13 +1387,106 @@ class Subscriber:
             raise
         return handle
 
+    async def start_batch(
+        self,
+        subject: str,
+        handler: BatchHandler,
+        *,
+        queue: str | None = None,
+        max_batch: int = 100,
+        max_wait: float = 0.05,
+        max_workers: int | None = None,
+        timeout: float | None = _DEFAULT_START_TIMEOUT,
+    ) -> BatchHandle:
+        """Subscribe to ``subject`` and run ``handler`` on lists of messages.
+
+        A batch is handed over when ``max_batch`` messages are waiting, or ``max_wait``
+        seconds after its first message was seen, whichever comes first; it never holds
+        more messages than there are free worker slots: **a batch of n messages takes n
+        slots** while its handler runs, so ``max_workers`` (the handle's and the
+        subscriber's) bounds messages in flight, as for :meth:`start`. Several batches of
+        one subscription can run at once, in separate tasks.
+
+        Accounting is per message, with the same rules as :meth:`start`: each message of
+        a run counts as processed (the handler returned), failed (it raised), timed out
+        (``handler_timeout``, per run) or cancelled (a stop's grace period ran out);
+        ``handler_duration`` records one value per run. A failed or timed-out run answers
+        every request in it with an empty reply carrying ``Nats-Service-Error`` and
+        ``Nats-Service-Error-Code`` (500, 504); otherwise the handler answers requests
+        itself (``await msg.respond(...)``): its return value is ignored. ``stop()`` (and
+        leaving ``open_subscriber``) stops collecting, counts buffered messages as
+        dropped (a batch is never half handed over), and lets running batches finish
+        within the grace period.
+
+        Args:
+            subject: the subject, wildcards allowed.
+            handler: ``async def handler(msgs: list[Msg]) -> None``.
+            queue: a queue group name.
+            max_batch: the most messages one run gets (>= 1).
+            max_wait: seconds a batch waits for more messages after its first one (>= 0;
+                0: hand over at once whatever is buffered).
+            max_workers: this subscription's own limit on messages in flight.
+            timeout: seconds to wait for the server to confirm the subscription.
+
+        Returns:
+            The handle: ``stop()``, ``stats()``, ``subject``, ``queue``.
+
+        Raises:
+            TypeError / ValueError: a bad argument (the message names it).
+            trionats.TimeoutError: the server did not confirm the subscription in time.
+            trionats.SubscriptionClosedError: the subscriber is shutting down.
+            trionats.ConnectionClosedError: the connection is closed.
+
+        Example::
+
+            async def store(msgs):
+                await db.insert_many([m.data for m in msgs])
+
+            await subscriber.start_batch("events.>", store, max_batch=500, max_wait=0.1)
+        """
+        from ._subscriber_batch import BatchHandle
+
+        _check_handler(handler)
+        check_subscribe_subject(subject)
+        check_queue(queue)
+        check_int("max_batch", max_batch, minimum=1)
+        max_wait = check_seconds("max_wait", max_wait, allow_zero=True)
+        if max_workers is None:
+            max_workers = self._config.max_workers
+        else:
+            max_workers = check_int("max_workers", max_workers, minimum=1)
+        timeout = check_seconds("timeout", timeout, allow_none=True)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise _errors.SubscriptionClosedError("the subscriber is shutting down")
+        handle = BatchHandle(
+            self,
+            subject,
+            handler,
+            queue,
+            max_workers=max_workers,
+            max_batch=max_batch,
+            max_wait=max_wait,
+        )
+        self._core.add(handle._core)
+        self._active[handle] = None
+        try:
+            await self._nursery.start(handle._run, self._conn, timeout)
+        except BaseException:
+            self._core.stopping(handle._core)
+            self._core.stopped(handle._core)
+            self._active.pop(handle, None)
+            handle._done.set()
+            raise
+        return handle
+
     def _abandon(self, handle: JetStreamHandle) -> None:
         self._core.stopping(handle._core)
         self._core.stopped(handle._core)
         self._active.pop(handle, None)
         handle._done.set()
 
-    def active(self) -> list[SubscriptionHandle | JetStreamHandle]:
+    def active(self) -> list[SubscriptionHandle | JetStreamHandle | BatchHandle]:
         """The subscriptions that are running (started, not yet stopped), oldest first."""
         return [h for h in self._active if h._core.state is _State.RUNNING]
 
@@ -1433,7 +1527,7 @@ class Subscriber:
         self._warn_stuck(handles)
 
     @staticmethod
-    def _warn_stuck(handles: list[SubscriptionHandle | JetStreamHandle]) -> None:
+    def _warn_stuck(handles: list[SubscriptionHandle | JetStreamHandle | BatchHandle]) -> None:
         for h in handles:
             if not h._done.is_set():
                 h._warn_stuck("leaving open_subscriber")
