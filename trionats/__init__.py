@@ -52,6 +52,22 @@ from ._pool import Pool as Pool
 from ._pool import PoolStats as PoolStats
 from ._pool import ServerStats as ServerStats
 from ._pool import open_pool as open_pool
+from ._resources import Alert as Alert
+from ._resources import AlertStream as AlertStream
+from ._resources import ComponentHealth as ComponentHealth
+from ._resources import ConnectionSnapshot as ConnectionSnapshot
+from ._resources import Health as Health
+from ._resources import HealthStatus as HealthStatus
+from ._resources import Limits as Limits
+from ._resources import PoolSnapshot as PoolSnapshot
+from ._resources import ProcessStats as ProcessStats
+from ._resources import Registration as Registration
+from ._resources import ResourceManager as ResourceManager
+from ._resources import Severity as Severity
+from ._resources import SubscriberSnapshot as SubscriberSnapshot
+from ._resources import Suggestion as Suggestion
+from ._resources import SystemStats as SystemStats
+from ._resources import open_resource_manager as open_resource_manager
 from ._server import NatsServer as NatsServer
 from ._server import find_nats_server as find_nats_server
 from ._server import open_nats_cluster as open_nats_cluster
@@ -71,18 +87,24 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AckPolicy",
+    "Alert",
+    "AlertStream",
     "CloseReason",
     "CloseStats",
+    "ComponentHealth",
     "ConnectError",
     "Connection",
     "ConnectionClosedError",
     "ConnectionEvent",
+    "ConnectionSnapshot",
     "ConnectionStats",
     "ConsumerInfo",
     "DeliverPolicy",
     "EventKind",
     "EventStream",
     "Handler",
+    "Health",
+    "HealthStatus",
     "JetStream",
     "JetStreamError",
     "JetStreamHandle",
@@ -93,6 +115,7 @@ __all__ = [
     "KvEntry",
     "LatencySnapshot",
     "LeaseExpiredError",
+    "Limits",
     "Msg",
     "MsgAlreadyAckedError",
     "MsgMetadata",
@@ -101,23 +124,31 @@ __all__ = [
     "Pool",
     "PoolClosedError",
     "PoolConfig",
+    "PoolSnapshot",
     "PoolStats",
     "PoolTimeoutError",
+    "ProcessStats",
     "PubAck",
     "PubAckFuture",
     "Publisher",
     "PullSubscription",
     "ReconnectBufferFullError",
+    "Registration",
+    "ResourceManager",
     "ServerNotFoundError",
     "ServerStats",
     "ServerURL",
+    "Severity",
     "StreamInfo",
     "Subscriber",
     "SubscriberConfig",
+    "SubscriberSnapshot",
     "SubscriberStats",
     "Subscription",
     "SubscriptionClosedError",
     "SubscriptionHandle",
+    "Suggestion",
+    "SystemStats",
     "TimeoutError",
     "TrionatsError",
     "find_nats_server",
@@ -125,8 +156,18 @@ __all__ = [
     "open_nats_cluster",
     "open_nats_server",
     "open_pool",
+    "open_resource_manager",
     "open_subscriber",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``trionats.prometheus`` without importing it first (it needs prometheus-client)."""
+    if name == "prometheus":
+        import importlib
+
+        return importlib.import_module("trionats.prometheus")
+    raise AttributeError(f"module 'trionats' has no attribute {name!r}")
 
 
 def _fixup_module_metadata() -> None:
