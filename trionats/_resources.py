@@ -645,6 +645,13 @@ class SystemStats:
                 return snap
         raise KeyError(name)
 
+    def _with_health(self, figures: dict[str, Any]) -> dict[str, Any]:
+        for c in self.health.components:
+            if c.name == figures["name"]:
+                figures["health"] = c.status.value
+                figures["health_reasons"] = list(c.reasons)
+        return figures
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures: the body of a published snapshot, minus its envelope."""
         return {
@@ -653,9 +660,9 @@ class SystemStats:
             "health": self.health.status.value,
             "health_reasons": list(self.health.reasons),
             "process": self.process.to_dict(),
-            "pools": [p.to_dict() for p in self.pools],
-            "subscribers": [s.to_dict() for s in self.subscribers],
-            "connections": [c.to_dict() for c in self.connections],
+            "pools": [self._with_health(p.to_dict()) for p in self.pools],
+            "subscribers": [self._with_health(s.to_dict()) for s in self.subscribers],
+            "connections": [self._with_health(c.to_dict()) for c in self.connections],
             "alerts": [a.to_dict() for a in self.alerts],
         }
 
