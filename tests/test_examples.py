@@ -41,6 +41,7 @@ def test_every_example_is_run_here() -> None:
         "pool_concurrency.py",
         "subscriber_handlers.py",
         "graceful_shutdown.py",
+        "production_monitoring.py",
     }
     assert {p.name for p in (EXAMPLES / "testing").glob("test_*.py")} == {"test_service.py"}
 
@@ -53,6 +54,13 @@ def test_every_example_is_run_here() -> None:
         (
             "subscriber_handlers.py",
             r"b'done 42'\nreceived 101: processed 81, failed 10, timed out 10, dropped 0",
+        ),
+        (
+            "production_monitoring.py",
+            r"(?s)health: degraded\n  subscriber 'orders': drop_rate .*suggestion "
+            r"\[subscriber_drops\]: subscriber 'orders' dropped \d+ messages in .*"
+            r'trionats_messages_processed_total\{component="orders",status="dropped"\} .*'
+            r"stopped: sampler, endpoint and alert watcher ended",
         ),
     ],
 )

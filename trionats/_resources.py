@@ -1380,7 +1380,13 @@ def _health(snap: SystemStats, alerts: tuple[Alert, ...], entries: dict[str, _En
                 if alert.severity is Severity.CRITICAL
                 else HealthStatus.DEGRADED
             )
-            found.append((status, alert.message))
+            found.append(
+                (
+                    status,
+                    f"{alert.figure} {_num(alert.value)} > {_num(alert.limit)} "
+                    f"({alert.severity.value})",
+                )
+            )
         status = max((s for s, _ in found), key=_RANK.__getitem__, default=HealthStatus.HEALTHY)
         components.append(ComponentHealth(name, kind, status, tuple(r for _, r in found)))
 
