@@ -322,21 +322,18 @@ async def test_pool_limits(nats_url: str) -> None:
 
 async def test_subscriber_limits_and_health_transitions(nats_url: str) -> None:
     release = trio.Event()
-    calls = 0
 
     async def handle(msg: trionats.Msg) -> None:
-        nonlocal calls
-        calls += 1
         if msg.data == b"fail":
             raise ValueError("bad message")
         if msg.data == b"slow":
-            await trio.sleep(0.06)
+            await trio.sleep(0.1)
         if msg.data == b"block":
             await release.wait()
 
     config = trionats.SubscriberConfig(max_workers=1, pending_msgs=3)
     limits = Limits(
-        max_pending_msgs=1, max_pending_bytes=8, max_failure_rate=0.2, max_handler_p99=0.025
+        max_pending_msgs=1, max_pending_bytes=8, max_failure_rate=0.2, max_handler_p99=0.05
     )
     async with (
         trionats.open_connection(nats_url) as nc,
@@ -374,7 +371,7 @@ async def test_subscriber_limits_and_health_transitions(nats_url: str) -> None:
             text = next(x.text for x in rm.suggestions() if x.rule == "subscriber_drops")
             assert text.startswith("subscriber 'orders' dropped 7 messages in ")
             assert text.endswith(": raise max_workers (now 1) or the pending limits")
-            await trio.sleep(0.06)  # the blocked run lasts >= 2 x max_handler_p99
+            await trio.sleep(0.1)  # the blocked run lasts >= 2 x max_handler_p99
             release.set()
             await wait_until(lambda: sub.stats().pending == 0 and sub.stats().in_flight == 0)
             snap = rm.sample_now()
@@ -385,7 +382,7 @@ async def test_subscriber_limits_and_health_transitions(nats_url: str) -> None:
             for _ in range(2):
                 await nc.publish("rm.sub", b"fail")
             await nc.publish("rm.sub", b"ok")
-            await wait_until(lambda: calls == 7)
+            await wait_until(lambda: (sub.stats().processed, sub.stats().failed) == (5, 2))
             snap = rm.sample_now()
             (alert,) = snap.alerts  # handler_p99 cleared: fast handlers only
             assert alert.figure == "failure_rate"
@@ -393,12 +390,12 @@ async def test_subscriber_limits_and_health_transitions(nats_url: str) -> None:
             assert alert.severity is Severity.CRITICAL
             for _ in range(3):
                 await nc.publish("rm.sub", b"slow")
-            await wait_until(lambda: calls == 10)
+            await wait_until(lambda: sub.stats().processed == 8)
             snap = rm.sample_now()
             assert [(a.figure, a.severity) for a in snap.alerts] == [
                 ("handler_p99", Severity.CRITICAL)  # failure_rate cleared
             ]
-            assert snap.alerts[0].value >= 0.06
+            assert snap.alerts[0].value >= 0.1
             assert rm.health().component("orders").status is HealthStatus.UNHEALTHY
         # the subscriber exited: closed, unhealthy, and the sampler carries on
         snap = rm.sample_now()
