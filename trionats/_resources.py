@@ -423,7 +423,7 @@ class ConnectionSnapshot:
 @final
 @dataclass(frozen=True, slots=True)
 class ProcessStats:
-    """The process's own figures (``psutil``, ``gc``, Trio and asyncio).
+    """The process's own figures (``psutil``, ``os.times()``, ``gc``, Trio and asyncio).
 
     Attributes:
         pid: the process id.
