@@ -42,6 +42,7 @@ def test_every_example_is_run_here() -> None:
         "subscriber_handlers.py",
         "graceful_shutdown.py",
         "batch_processing.py",
+        "production_monitoring.py",
     }
     assert {p.name for p in (EXAMPLES / "testing").glob("test_*.py")} == {"test_service.py"}
 
@@ -59,6 +60,13 @@ def test_every_example_is_run_here() -> None:
             "batch_processing.py",
             r"published 5000, lost 0, in \d+ batches\nstored 5000 events: processed 5000, "
             r"dropped 0\nbulk inserts: \d+ runs",
+        ),
+        (
+            "production_monitoring.py",
+            r"(?s)health: degraded\n  subscriber 'orders': drop_rate .*suggestion "
+            r"\[subscriber_drops\]: subscriber 'orders' dropped \d+ messages in .*"
+            r'trionats_messages_processed_total\{component="orders",status="dropped"\} .*'
+            r"stopped: sampler, endpoint and alert watcher ended",
         ),
     ],
 )

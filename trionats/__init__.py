@@ -62,6 +62,22 @@ from ._profiler import ProfilerReport as ProfilerReport
 from ._profiler import Trend as Trend
 from ._profiler import TrendReport as TrendReport
 from ._profiler import WindowReport as WindowReport
+from ._resources import Alert as Alert
+from ._resources import AlertStream as AlertStream
+from ._resources import ComponentHealth as ComponentHealth
+from ._resources import ConnectionSnapshot as ConnectionSnapshot
+from ._resources import Health as Health
+from ._resources import HealthStatus as HealthStatus
+from ._resources import Limits as Limits
+from ._resources import PoolSnapshot as PoolSnapshot
+from ._resources import ProcessStats as ProcessStats
+from ._resources import Registration as Registration
+from ._resources import ResourceManager as ResourceManager
+from ._resources import Severity as Severity
+from ._resources import SubscriberSnapshot as SubscriberSnapshot
+from ._resources import Suggestion as Suggestion
+from ._resources import SystemStats as SystemStats
+from ._resources import open_resource_manager as open_resource_manager
 from ._server import NatsServer as NatsServer
 from ._server import find_nats_server as find_nats_server
 from ._server import open_nats_cluster as open_nats_cluster
@@ -83,6 +99,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AckPolicy",
+    "Alert",
+    "AlertStream",
     "BatchHandle",
     "BatchHandler",
     "BatchPublishError",
@@ -90,16 +108,20 @@ __all__ = [
     "BatchPublisherStats",
     "CloseReason",
     "CloseStats",
+    "ComponentHealth",
     "ConnectError",
     "Connection",
     "ConnectionClosedError",
     "ConnectionEvent",
+    "ConnectionSnapshot",
     "ConnectionStats",
     "ConsumerInfo",
     "DeliverPolicy",
     "EventKind",
     "EventStream",
     "Handler",
+    "Health",
+    "HealthStatus",
     "JetStream",
     "JetStreamError",
     "JetStreamHandle",
@@ -110,6 +132,7 @@ __all__ = [
     "KvEntry",
     "LatencySnapshot",
     "LeaseExpiredError",
+    "Limits",
     "Msg",
     "MsgAlreadyAckedError",
     "MsgMetadata",
@@ -120,24 +143,32 @@ __all__ = [
     "Pool",
     "PoolClosedError",
     "PoolConfig",
+    "PoolSnapshot",
     "PoolStats",
     "PoolTimeoutError",
+    "ProcessStats",
     "ProfilerReport",
     "PubAck",
     "PubAckFuture",
     "Publisher",
     "PullSubscription",
     "ReconnectBufferFullError",
+    "Registration",
+    "ResourceManager",
     "ServerNotFoundError",
     "ServerStats",
     "ServerURL",
+    "Severity",
     "StreamInfo",
     "Subscriber",
     "SubscriberConfig",
+    "SubscriberSnapshot",
     "SubscriberStats",
     "Subscription",
     "SubscriptionClosedError",
     "SubscriptionHandle",
+    "Suggestion",
+    "SystemStats",
     "TimeoutError",
     "Trend",
     "TrendReport",
@@ -149,8 +180,18 @@ __all__ = [
     "open_nats_cluster",
     "open_nats_server",
     "open_pool",
+    "open_resource_manager",
     "open_subscriber",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``trionats.prometheus`` without importing it first (it needs prometheus-client)."""
+    if name == "prometheus":
+        import importlib
+
+        return importlib.import_module("trionats.prometheus")
+    raise AttributeError(f"module 'trionats' has no attribute {name!r}")
 
 
 def _fixup_module_metadata() -> None:

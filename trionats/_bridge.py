@@ -68,6 +68,7 @@ __all__ = [
     "YIELD_BYTES",
     "NatsClient",
     "check_internals",
+    "client_loop",
     "connect_options",
     "current_loop",
     "encode_headers",
@@ -600,6 +601,12 @@ async def wait_future(future: asyncio.Future[Any]) -> Any:
 def current_loop() -> Any:
     """The trio-asyncio loop of this task tree (its clock is Trio's)."""
     return trio_asyncio.current_loop.get()
+
+
+def client_loop(client: NatsClient) -> Any:
+    """The asyncio loop ``client``'s read task runs on, None before it connected."""
+    task = getattr(client, "_reading_task", None)
+    return None if task is None else task.get_loop()
 
 
 def new_client() -> NatsClient:

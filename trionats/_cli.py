@@ -4,6 +4,7 @@
   print what happened, stop everything in order and show nothing was left behind.
 * ``trionats bench``: trionats against raw nats-py, side by side.
 * ``trionats server``: run the embedded server (or a local cluster) until Ctrl-C.
+* ``trionats top``: every process publishing resource snapshots, live.
 
 Ctrl-C (SIGINT) or SIGTERM at any moment stops cleanly: the signal cancels the command,
 every ``async with`` unwinds in order, and child processes (a benchmark's raw nats-py
@@ -475,6 +476,13 @@ async def serve(port: int | None, jetstream: bool, cluster: int) -> None:
         await trio.sleep_forever()
 
 
+async def _top(args: argparse.Namespace) -> None:
+    """``trionats top``: see :mod:`trionats._top`."""
+    from ._top import top
+
+    await top(args.url, duration=args.duration, once=args.once, subject=args.subject)
+
+
 class _HELP(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the text already names it."""
 
@@ -574,7 +582,25 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     p_server.add_argument(
         "--cluster", type=int, default=1, metavar="N", help="run an N-node local cluster"
     )
-    return parser, {"demo": p_demo, "bench": p_bench, "server": p_server}
+    p_top = commands.add_parser(
+        "top",
+        help="every process publishing resource snapshots (open_resource_manager(publish_on=)), "
+        "live",
+        formatter_class=_HELP,
+    )
+    p_top.add_argument("--url", default="nats://127.0.0.1:4222", help="the NATS server")
+    p_top.add_argument(
+        "--duration", type=float, default=None, help="stop after S seconds (default: Ctrl-C)"
+    )
+    p_top.add_argument(
+        "--once",
+        action="store_true",
+        help="show the processes heard within one interval of the first snapshot, then exit",
+    )
+    p_top.add_argument(
+        "--subject", default="trionats.stats", help="the subject prefix snapshots are published on"
+    )
+    return parser, {"demo": p_demo, "bench": p_bench, "server": p_server, "top": p_top}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -677,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stopped_by = _run_until_signal(demo, args.messages, args.requests)
         elif args.command == "bench":
             stopped_by = _run_until_signal(bench, args)
+        elif args.command == "top":
+            stopped_by = _run_until_signal(_top, args)
         else:
             stopped_by = _run_until_signal(serve, args.port, args.jetstream, args.cluster)
     except KeyboardInterrupt:  # a Ctrl-C outside the signal watch (start-up, a second one)
