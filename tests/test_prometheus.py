@@ -224,3 +224,30 @@ async def test_serve_is_cancellable_and_leaves_no_task() -> None:
 
 def test_trionats_prometheus_is_reachable_from_the_package() -> None:
     assert trionats.prometheus is tp  # type: ignore[attr-defined]
+
+
+async def test_profiler_collector_exports_each_operation_on_the_trio_thread() -> None:
+    profiler = trionats.PerformanceProfiler(window=60, windows=3)
+    for _ in range(4):
+        profiler.record("db.insert", 0.002)
+    with pytest.raises(ValueError, match="boom"):
+        async with profiler.measure("db.insert"):
+            raise ValueError("boom")
+    registry = CollectorRegistry()
+    registry.register(tp.ProfilerCollector(profiler))
+    async with tp.serve(registry=registry) as server:
+        head, body = await _get(server.port)
+    assert "200 OK" in head
+    samples = _samples(body)
+    assert _value(samples, "trionats_profiler_operations", operation="db.insert") == 5
+    assert _value(samples, "trionats_profiler_errors", operation="db.insert") == 1
+    p50 = _value(
+        samples, "trionats_profiler_latency_seconds", operation="db.insert", quantile="0.5"
+    )
+    assert 0.002 <= p50 <= 0.002 * (1 + 1 / 16)
+    # off the Trio thread there is no clock to read the windows by: nothing, no error
+    from_thread: list[bytes] = []
+    await trio.to_thread.run_sync(lambda: from_thread.append(generate_latest(registry)))
+    assert b"trionats_profiler" not in from_thread[0]
+    with pytest.raises(TypeError, match="PerformanceProfiler"):
+        tp.ProfilerCollector(object())  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from . import _errors
+from ._profiler import PerformanceProfiler
 from ._resources import HealthStatus, ResourceManager, SystemStats
 from ._validate import check_int, check_str
 
@@ -56,7 +57,14 @@ if TYPE_CHECKING:
 
     from ._metrics import LatencySnapshot
 
-__all__ = ["DEFAULT_BUCKETS", "MetricsServer", "TrionatsCollector", "register", "serve"]
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "MetricsServer",
+    "ProfilerCollector",
+    "TrionatsCollector",
+    "register",
+    "serve",
+]
 
 log = logging.getLogger("trionats.prometheus")
 
@@ -403,6 +411,81 @@ class TrionatsCollector(Collector):
         for a in snap.alerts:
             alerts.add_metric([a.component, a.kind, a.figure, a.severity.value], 1)
         yield alerts
+
+
+@final
+class ProfilerCollector(Collector):
+    """A ``prometheus_client`` collector of a :class:`trionats.PerformanceProfiler`.
+
+    Every operation the profiler tracks, labelled ``operation="<name>"``, over the windows
+    it keeps (so these are gauges, not counters): ``trionats_profiler_operations``,
+    ``trionats_profiler_errors``, ``trionats_profiler_throughput`` (per second),
+    ``trionats_profiler_latency_seconds{quantile="0.5|0.9|0.99"}`` and
+    ``trionats_profiler_latency_trend_ratio`` (the recent window's median latency over
+    the earlier windows'; NaN until both have samples). The profiler runs on Trio's
+    clock, so it is read only when scraped on its Trio thread (as :func:`serve` does);
+    a scrape from another thread gets none of these metrics.
+
+    Example::
+
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(trionats.prometheus.ProfilerCollector(profiler))
+        async with trionats.prometheus.serve(rm, registry=registry) as server: ...
+
+    Raises:
+        TypeError: ``profiler`` is not a PerformanceProfiler.
+    """
+
+    def __init__(self, profiler: PerformanceProfiler) -> None:
+        if not isinstance(profiler, PerformanceProfiler):
+            raise TypeError(
+                f"profiler must be a trionats.PerformanceProfiler, got {type(profiler).__name__}"
+            )
+        self._profiler = profiler
+
+    def describe(self) -> list[Metric]:
+        """Nothing: the operations are known at scrape time."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The profiler's figures per operation (nothing off its Trio thread)."""
+        try:
+            report = self._profiler.report()
+        except RuntimeError:  # not in a Trio thread: no clock to read the windows by
+            return
+        ops = GaugeMetricFamily(
+            "trionats_profiler_operations",
+            "Operations completed (successes and errors) over the profiler's windows.",
+            labels=["operation"],
+        )
+        errors = GaugeMetricFamily(
+            "trionats_profiler_errors",
+            "Operations that raised, over the profiler's windows.",
+            labels=["operation"],
+        )
+        rate = GaugeMetricFamily(
+            "trionats_profiler_throughput",
+            "Operations per second over the profiler's windows.",
+            labels=["operation"],
+        )
+        latency = GaugeMetricFamily(
+            "trionats_profiler_latency_seconds",
+            "Latency quantiles of the successful operations over the profiler's windows.",
+            labels=["operation", "quantile"],
+        )
+        trend = GaugeMetricFamily(
+            "trionats_profiler_latency_trend_ratio",
+            "The latest complete window's median latency over the earlier windows'.",
+            labels=["operation"],
+        )
+        for op in report.operations:
+            ops.add_metric([op.name], op.count)
+            errors.add_metric([op.name], op.errors)
+            rate.add_metric([op.name], op.throughput)
+            for q, value in (("0.5", op.p50), ("0.9", op.p90), ("0.99", op.p99)):
+                latency.add_metric([op.name, q], value)
+            trend.add_metric([op.name], op.trend.ratio)
+        yield from (ops, errors, rate, latency, trend)
 
 
 def register(
