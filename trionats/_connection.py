@@ -89,6 +89,7 @@ _LOGGED = {
         "nats connection %r: slow consumer on %r, dropping messages (pending limits reached)",
     ),
     EventKind.LAME_DUCK: (logging.INFO, "nats connection %r: the server entered lame duck mode"),
+    EventKind.CLOSED: (logging.DEBUG, "nats connection %r closed"),
 }
 
 
@@ -273,6 +274,12 @@ class Connection:
         key: tuple[object, ...] = (id(self), kind)
         args: tuple[object, ...] = (self.name or "",)
         extra = conn_fields(self, "connection")
+        if self._last_url is not None:
+            extra.setdefault("server", self._last_url)
+        if kind is EventKind.CLOSED:  # report what was suppressed, forget this connection
+            _limited.flush(lambda k: isinstance(k, tuple) and k[0] == key[0])
+            log.log(level, text, *args, extra=extra)
+            return
         if kind is EventKind.ERROR:
             key += (type(event.error),)
             args += (event.error,)
@@ -280,8 +287,6 @@ class Connection:
             key += (event.subject,)
             args += (event.subject,)
             extra["subject"] = event.subject
-        if self._last_url is not None:
-            extra.setdefault("server", self._last_url)
         _limited.log(level, key, text, *args, extra=extra)
 
     def _check_open(self) -> None:

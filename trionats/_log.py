@@ -141,7 +141,7 @@ class RateLimiter:
         record_extra["suppressed"] = suppressed
         if suppressed:
             msg = f"{msg} [{suppressed} similar suppressed]"
-        logger.log(level, msg, *args, exc_info=exc_info, extra=record_extra)
+        logger.log(level, msg, *args, exc_info=exc_info, extra=record_extra, stacklevel=2)
         return True
 
     def flush(self, match: Callable[[Hashable], bool] | None = None) -> None:
