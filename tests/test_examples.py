@@ -41,6 +41,7 @@ def test_every_example_is_run_here() -> None:
         "pool_concurrency.py",
         "subscriber_handlers.py",
         "graceful_shutdown.py",
+        "tracing.py",
     }
     assert {p.name for p in (EXAMPLES / "testing").glob("test_*.py")} == {"test_service.py"}
 
@@ -53,6 +54,12 @@ def test_every_example_is_run_here() -> None:
         (
             "subscriber_handlers.py",
             r"b'done 42'\nreceived 101: processed 81, failed 10, timed out 10, dropped 0",
+        ),
+        (
+            "tracing.py",
+            r"GET /orders/42 \[internal\]\n  request orders.status \[client\] nats\n"
+            r"    process orders.status \[consumer\] nats\n      db lookup \[internal\]\n"
+            r"4 spans, 1 trace",
         ),
     ],
 )

@@ -221,7 +221,7 @@ async def open_connection(
             ``allow_reconnect``, ``max_reconnect_attempts`` (-1: forever),
             ``reconnect_time_wait``, ``ping_interval``, ``max_outstanding_pings``,
             ``no_echo``, ``pending_size`` (reconnect buffer bytes), ``inbox_prefix``,
-            ``tracing``: OpenTelemetry spans (see ``docs/production.md``): None (the
+            ``tracing``: OpenTelemetry spans (see the Production guide): None (the
             default) traces when ``opentelemetry-api`` is installed and a real tracer
             provider is set globally when the connection opens; False never; True with
             the global provider; or a ``TracerProvider`` to use.
