@@ -333,3 +333,35 @@ async def test_parent_and_child_in_two_processes(
     assert process.parent is not None
     assert process.context.trace_id == published["trace"]
     assert process.parent.span_id == published["span"]
+
+
+_NEVER_IMPORTED = textwrap.dedent(
+    """
+    import sys
+    import trio
+    import trionats
+
+
+    async def main() -> None:
+        async with trionats.open_connection(sys.argv[1]) as nc:
+            assert not nc.tracing
+            await nc.publish("plain", b"x")
+        assert not [m for m in sys.modules if m.startswith("opentelemetry")], "imported"
+        print("ok")
+
+
+    trio.run(main)
+    """
+)
+
+
+async def test_an_application_without_opentelemetry_imports_nothing(nats_url: str) -> None:
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", _NEVER_IMPORTED, nats_url],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"ok\n"

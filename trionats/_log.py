@@ -48,10 +48,10 @@ def fields(component: str, **values: Any) -> dict[str, Any]:
 def conn_fields(conn: Any, component: str, **values: Any) -> dict[str, Any]:
     """:func:`fields` plus the connection's ``server`` (redacted URL) and name."""
     try:
-        server = conn.connected_url
-    except Exception:  # a closed client may not know any more
-        server = None
-    return fields(component, server=server, connection=conn.name, **values)
+        server, name = conn.connected_url, conn.name
+    except Exception:  # a pooled connection whose lease ended, a closed client
+        server = name = None
+    return fields(component, server=server, connection=name, **values)
 
 
 @final

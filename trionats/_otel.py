@@ -14,7 +14,8 @@ child of the publisher's span across connections and processes.
 Off by default, at no cost: whether a connection traces is decided once, when it opens
 (:func:`tracer_for`). With ``tracing=None`` (the default) it traces when
 ``opentelemetry-api`` is importable and a real tracer provider (an SDK one) is installed
-globally; the API's default no-op/proxy provider means off. A connection that does not
+globally; the API's default no-op/proxy provider means off, and so does an application
+that never imported ``opentelemetry.trace`` (nothing is imported then). A connection that does not
 trace has ``_tracer = None``: its publish and request pay one ``is not None`` test, and no
 header is added.
 """
@@ -22,6 +23,8 @@ header is added.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ __all__ = ["NatsTracer", "tracer_for"]
 _SYSTEM = "nats"
 _INSTRUMENTATION = "trionats"
 _EXTRA_HINT = "pip install 'trionats[otel]'"
+_PROVIDER_ENV = "OTEL_PYTHON_TRACER_PROVIDER"  # the API loads this provider on first use
 
 _M = TypeVar("_M")
 
@@ -70,6 +74,10 @@ def tracer_for(tracing: object) -> NatsTracer | None:
         ImportError: tracing asked for (True or a provider) and opentelemetry-api missing.
     """
     if tracing is None:
+        # Nothing to import (50 ms or more) when the application never imported the API:
+        # then it cannot have installed a provider, unless through the environment.
+        if "opentelemetry.trace" not in sys.modules and _PROVIDER_ENV not in os.environ:
+            return None
         try:
             from opentelemetry import trace
         except ImportError:
