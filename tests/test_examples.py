@@ -43,6 +43,7 @@ def test_every_example_is_run_here() -> None:
         "graceful_shutdown.py",
         "batch_processing.py",
         "production_monitoring.py",
+        "tracing.py",
     }
     assert {p.name for p in (EXAMPLES / "testing").glob("test_*.py")} == {"test_service.py"}
 
@@ -67,6 +68,12 @@ def test_every_example_is_run_here() -> None:
             r"\[subscriber_drops\]: subscriber 'orders' dropped \d+ messages in .*"
             r'trionats_messages_processed_total\{component="orders",status="dropped"\} .*'
             r"stopped: sampler, endpoint and alert watcher ended",
+        ),
+        (
+            "tracing.py",
+            r"GET /orders/42 \[internal\]\n  request orders.status \[client\] nats\n"
+            r"    process orders.status \[consumer\] nats\n      db lookup \[internal\]\n"
+            r"4 spans, 1 trace",
         ),
     ],
 )

@@ -12,6 +12,7 @@ import trio
 from . import _errors
 from ._connection import Connection, _bridge
 from ._msg import Msg
+from ._otel import tracer_for
 from ._validate import (
     check_auth_options,
     check_bool,
@@ -56,6 +57,7 @@ async def connect(
     no_echo: bool = False,
     pending_size: int = 2 * 1024 * 1024,
     inbox_prefix: str = "_INBOX",
+    tracing: object = None,
 ) -> Connection:
     """Connect inside a trio-asyncio loop the caller owns; the caller must ``aclose()``.
 
@@ -87,11 +89,13 @@ async def connect(
     check_int("max_outstanding_pings", max_outstanding_pings, minimum=1)
     check_int("pending_size", pending_size, minimum=0)
     check_publish_subject(inbox_prefix, "inbox_prefix", cache=False)
+    tracer = tracer_for(tracing)
 
     bridge = _bridge()
     bridge.check_internals()
     client = bridge.new_client()
     conn = Connection(client, name=name, close_timeout=close_timeout, servers=server_list)
+    conn._tracer = tracer
     bridge.install_msg_factory(client, functools.partial(Msg, conn))
     errors: list[BaseException] = []
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
@@ -167,6 +171,7 @@ async def connect(
                 )
             )
         ok = True
+        conn._last_url = conn.connected_url
     finally:
         if not ok:
             conn._closed = True
@@ -215,7 +220,11 @@ async def open_connection(
             ``tls`` (an ``ssl.SSLContext``), ``tls_hostname``,
             ``allow_reconnect``, ``max_reconnect_attempts`` (-1: forever),
             ``reconnect_time_wait``, ``ping_interval``, ``max_outstanding_pings``,
-            ``no_echo``, ``pending_size`` (reconnect buffer bytes), ``inbox_prefix``.
+            ``no_echo``, ``pending_size`` (reconnect buffer bytes), ``inbox_prefix``,
+            ``tracing``: OpenTelemetry spans (see the Production guide): None (the
+            default) traces when ``opentelemetry-api`` is installed and a real tracer
+            provider is set globally when the connection opens; False never; True with
+            the global provider; or a ``TracerProvider`` to use.
 
     Raises:
         ConnectError: no server could be reached within ``connect_timeout``.

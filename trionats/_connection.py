@@ -30,6 +30,7 @@ from trio.lowlevel import Abort, checkpoint_if_cancelled, current_task
 
 from . import _errors
 from ._events import ConnectionEvent, EventKind, EventStream
+from ._log import RateLimiter, conn_fields
 from ._request import _Pending, _ReplyRouter, _RequestTimer
 from ._subscription import DEFAULT_PENDING_BYTES, DEFAULT_PENDING_MSGS, YIELD_EVERY, Subscription
 from ._validate import (
@@ -51,11 +52,13 @@ if TYPE_CHECKING:
     from ._bridge import NatsClient
     from ._jetstream import JetStream
     from ._msg import Msg
+    from ._otel import NatsTracer
     from ._validate import ServerURL
 
 __all__ = ["Connection", "ConnectionStats"]
 
-log = logging.getLogger("trionats")
+log = logging.getLogger("trionats.connection")
+_limited = RateLimiter(log)  # repeated events: errors (reconnect attempts), slow consumers
 
 
 # The server answers a request nobody listens to with an empty message carrying this.
@@ -73,6 +76,21 @@ def _bridge() -> Any:
     from . import _bridge as bridge
 
     return bridge
+
+
+# Events logged (rate-limited): level and message; the arguments are the connection's
+# name, then the error (ERROR) or the subject (SLOW_CONSUMER).
+_LOGGED = {
+    EventKind.ERROR: (logging.WARNING, "nats connection %r: %s"),
+    EventKind.DISCONNECTED: (logging.WARNING, "nats connection %r lost; reconnecting"),
+    EventKind.RECONNECTED: (logging.INFO, "nats connection %r reconnected"),
+    EventKind.SLOW_CONSUMER: (
+        logging.WARNING,
+        "nats connection %r: slow consumer on %r, dropping messages (pending limits reached)",
+    ),
+    EventKind.LAME_DUCK: (logging.INFO, "nats connection %r: the server entered lame duck mode"),
+    EventKind.CLOSED: (logging.DEBUG, "nats connection %r closed"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +184,8 @@ class Connection:
         self._last_error: _errors.TrionatsError | None = None
         self._pings: set[Any] = set()  # PONG futures being waited for (failed on close)
         self._flush_waits: set[Any] = set()  # flusher futures publishes wait for (backpressure)
+        self._tracer: NatsTracer | None = None  # set by connect(); None: tracing off
+        self._last_url: str | None = None  # the server last connected to (redacted)
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -187,6 +207,14 @@ class Connection:
     def is_reconnecting(self) -> bool:
         """True while the connection is lost and being re-established."""
         return bool(self._client.is_reconnecting)
+
+    @property
+    def tracing(self) -> bool:
+        """True when this connection records OpenTelemetry spans (decided when it opened).
+
+        See ``open_connection(..., tracing=...)``.
+        """
+        return self._tracer is not None
 
     @property
     def max_payload(self) -> int:
@@ -234,10 +262,32 @@ class Connection:
         return stream
 
     def _emit(self, event: ConnectionEvent) -> None:
-        if event.kind is EventKind.ERROR:
-            log.warning("nats connection %s: %s", self.name or "", event.error)
+        if event.kind in _LOGGED:
+            self._log_event(event)
         for stream in list(self._event_streams):
             stream._emit(event)
+
+    def _log_event(self, event: ConnectionEvent) -> None:
+        """Log an event: rate-limited per connection and kind (errors per error type)."""
+        kind = event.kind
+        level, text = _LOGGED[kind]
+        key: tuple[object, ...] = (id(self), kind)
+        args: tuple[object, ...] = (self.name or "",)
+        extra = conn_fields(self, "connection")
+        if self._last_url is not None:
+            extra.setdefault("server", self._last_url)
+        if kind is EventKind.CLOSED:  # report what was suppressed, forget this connection
+            _limited.flush(lambda k: isinstance(k, tuple) and k[0] == key[0])
+            log.log(level, text, *args, extra=extra)
+            return
+        if kind is EventKind.ERROR:
+            key += (type(event.error),)
+            args += (event.error,)
+        elif kind is EventKind.SLOW_CONSUMER:
+            key += (event.subject,)
+            args += (event.subject,)
+            extra["subject"] = event.subject
+        _limited.log(level, key, text, *args, extra=extra)
 
     def _check_open(self) -> None:
         if self._closed or self._client.is_closed:
@@ -291,6 +341,8 @@ class Connection:
             check_publish_subject(reply, "reply", cache=False)
         if headers is not None:
             check_headers(headers)
+        if self._tracer is not None:
+            return await self._tracer.publish(self, subject, data, reply or "", headers)
         await self._publish(subject, data, reply or "", headers)
 
     async def _publish(
@@ -386,6 +438,14 @@ class Connection:
             check_seconds("timeout", timeout)
         if headers is not None:
             check_headers(headers)
+        if self._tracer is not None:
+            return await self._tracer.request(self, subject, data, timeout, headers)
+        return await self._request(subject, data, timeout, headers)
+
+    async def _request(
+        self, subject: str, data: Any, timeout: float | None, headers: dict[str, str] | None
+    ) -> Msg:
+        """A validated request; the caller has checked for cancellation already."""
         self._check_open()
         router = self._router or await self._ensure_router()
         token = str(next(self._tokens))
@@ -695,6 +755,7 @@ class Connection:
             self._emit(ConnectionEvent(EventKind.DISCONNECTED))
 
     async def _on_reconnected(self) -> None:
+        self._last_url = self.connected_url
         self._emit(ConnectionEvent(EventKind.RECONNECTED))
 
     async def _on_discovered(self) -> None:

@@ -46,7 +46,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, final
@@ -56,6 +56,7 @@ from trio.lowlevel import ParkingLot
 
 from . import _errors
 from ._jetstream import AckPolicy, JsMsg, PullSubscription, _check_name
+from ._log import RateLimiter, conn_fields
 from ._metrics import EMPTY, Histogram, LatencySnapshot, merged_snapshot
 from ._validate import (
     check_bool,
@@ -87,6 +88,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("trionats.subscriber")
+_limited = RateLimiter(log)  # repeated events: handler failures, timeouts, failed replies
 
 Handler = Callable[["Msg"], Awaitable[bytes | None]]
 """``async def handler(msg) -> bytes | None``; returned bytes answer a request."""
@@ -481,6 +483,13 @@ def _discard_buffered(sub_core: _SubscriberCore, h: _HandleCore, sub: Subscripti
         sub.take_nowait()
         n += 1
     sub_core.discarded(h, n)
+    if n:
+        log.info(
+            "subscription on %r stopped: %d buffered message(s) discarded (counted as dropped)",
+            sub.subject,
+            n,
+            extra=conn_fields(sub._conn, "subscriber", subject=sub.subject, dropped=n),
+        )
 
 
 def _header_text(exc: BaseException) -> str:
@@ -641,6 +650,7 @@ class SubscriptionHandle:
             _CANCEL_GRACE,
             _callable_name(self._handler),
             ", ".join(self._stuck_tasks()) or "(no task found)",
+            extra=self._log_fields(),
         )
 
     def _stuck_tasks(self) -> list[str]:
@@ -697,6 +707,7 @@ class SubscriptionHandle:
                                 "finishing its in-flight handlers",
                                 self.subject,
                                 f": {reason}" if reason else "",
+                                extra=self._log_fields(),
                             )
                 finally:
                     # Leaving `subscribe` unsubscribed (synchronously) and woke the worker
@@ -712,6 +723,7 @@ class SubscriptionHandle:
             sub_core.stopped(self._core)
             self._subscriber._active.pop(self, None)
             self._done.set()
+            _limited.flush(self._own_key)
 
     def _discard_buffered(self) -> None:
         if self._sub is not None:
@@ -796,11 +808,14 @@ class SubscriptionHandle:
                         result = await self._handler(msg)
                     if scope.cancelled_caught:
                         outcome = Outcome.TIMED_OUT
-                        log.warning(
+                        _limited.log(
+                            logging.WARNING,
+                            ("timed out", self.subject),
                             "handler for %r timed out after %s s on message %r",
                             self.subject,
                             timeout,
                             msg.subject,
+                            extra=self._log_fields(),
                         )
                         if msg.reply:
                             await self._reply_error(
@@ -812,12 +827,15 @@ class SubscriptionHandle:
                 outcome = Outcome.PROCESSED
             except Exception as exc:
                 outcome = Outcome.FAILED
-                log.error(
+                _limited.log(
+                    logging.ERROR,
+                    ("failed", self.subject, type(exc)),
                     "handler for %r failed on message %r: %r",
                     self.subject,
                     msg.subject,
                     exc,
                     exc_info=exc,
+                    extra=self._log_fields(),
                 )
                 if msg.reply:
                     await self._reply_error(msg, "500", _header_text(exc))
@@ -837,7 +855,21 @@ class SubscriptionHandle:
                 b"", headers={"Nats-Service-Error": text, "Nats-Service-Error-Code": code}
             )
         except Exception as exc:
-            log.warning("could not send the error reply for %r: %r", msg.subject, exc)
+            _limited.log(
+                logging.WARNING,
+                ("error reply", self.subject),
+                "could not send the error reply for %r: %r",
+                msg.subject,
+                exc,
+                extra=self._log_fields(),
+            )
+
+    def _log_fields(self) -> dict[str, object]:
+        return conn_fields(self._subscriber._conn, "subscriber", subject=self.subject)
+
+    def _own_key(self, key: Hashable) -> bool:
+        """A rate-limited event of this subscription (reported when it stops)."""
+        return isinstance(key, tuple) and key[1] == self.subject
 
 
 _HANDLE_ONE_CODE = SubscriptionHandle._handle_one.__code__
@@ -972,6 +1004,7 @@ class JetStreamHandle:
             self.subject,
             _CANCEL_GRACE,
             _callable_name(self._handler),
+            extra=self._log_fields(),
         )
 
     async def _run(
@@ -1005,6 +1038,7 @@ class JetStreamHandle:
                             "its in-flight handlers",
                             self.subject,
                             f": {reason}" if reason else "",
+                            extra=self._log_fields(),
                         )
                     finally:
                         sub_core.stopping(self._core)
@@ -1022,6 +1056,7 @@ class JetStreamHandle:
             sub_core.stopped(self._core)
             self._subscriber._active.pop(self, None)
             self._done.set()
+            _limited.flush(self._own_key)
 
     def _settle_buffered(self, psub: PullSubscription) -> None:
         """At a stop: hand buffered messages of the outstanding request to the stash
@@ -1064,7 +1099,12 @@ class JetStreamHandle:
                         if subject == reply and status in ("404", "408", "409"):
                             if status == "409":
                                 desc = (msg.headers or {}).get("Description", "")
-                                log.warning("pull from %r ended: 409 %s", self.subject, desc)
+                                log.warning(
+                                    "pull from %r ended: 409 %s",
+                                    self.subject,
+                                    desc,
+                                    extra=self._log_fields(),
+                                )
                                 if "Deleted" in desc:
                                     return
                             break
@@ -1101,7 +1141,15 @@ class JetStreamHandle:
                 else:
                     await conn._publish(msg.reply, payload, "", None)
             except _errors.TrionatsError as exc:
-                log.warning("could not send %r for %r: %r", payload, msg, exc)
+                _limited.log(
+                    logging.WARNING,
+                    ("ack", self.subject),
+                    "could not send %r for %r: %r",
+                    payload,
+                    msg,
+                    exc,
+                    extra=self._log_fields(),
+                )
 
     async def _settle(self, msg: JsMsg, payload: bytes) -> None:
         if not msg._acked:
@@ -1119,8 +1167,22 @@ class JetStreamHandle:
                 try:
                     await msg.in_progress()
                 except _errors.TrionatsError as exc:
-                    log.warning("in_progress for %r failed: %r", msg, exc)
+                    _limited.log(
+                        logging.WARNING,
+                        ("in_progress", self.subject),
+                        "in_progress for %r failed: %r",
+                        msg,
+                        exc,
+                        extra=self._log_fields(),
+                    )
                     return
+
+    def _log_fields(self) -> dict[str, object]:
+        return conn_fields(self._subscriber._conn, "subscriber", subject=self.subject)
+
+    def _own_key(self, key: Hashable) -> bool:
+        """A rate-limited event of this subscription (reported when it stops)."""
+        return isinstance(key, tuple) and key[1] == self.subject
 
     async def _work(self, msg: JsMsg) -> None:
         subscriber = self._subscriber
@@ -1142,14 +1204,30 @@ class JetStreamHandle:
                     hb.cancel()
                 if scope.cancelled_caught:
                     outcome = Outcome.TIMED_OUT
-                    log.warning("handler for %r timed out after %s s", self.subject, timeout)
+                    _limited.log(
+                        logging.WARNING,
+                        ("timed out", self.subject),
+                        "handler for %r timed out after %s s",
+                        self.subject,
+                        timeout,
+                        extra=self._log_fields(),
+                    )
                     return
                 outcome = Outcome.PROCESSED
                 if policy is not AckPolicy.MANUAL:
                     await self._settle(msg, b"+ACK")
             except Exception as exc:
                 outcome = Outcome.FAILED
-                log.error("handler for %r failed on %r: %r", self.subject, msg, exc, exc_info=exc)
+                _limited.log(
+                    logging.ERROR,
+                    ("failed", self.subject, type(exc)),
+                    "handler for %r failed on %r: %r",
+                    self.subject,
+                    msg,
+                    exc,
+                    exc_info=exc,
+                    extra=self._log_fields(),
+                )
                 if policy is AckPolicy.NAK_ON_ERROR:
                     delay = self._nak_delay
                     await self._settle(
@@ -1260,6 +1338,9 @@ class Subscriber:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closing:
             raise _errors.SubscriptionClosedError("the subscriber is shutting down")
+        tracer = self._conn._tracer
+        if tracer is not None:  # OpenTelemetry: a "process {subject}" span per message
+            handler = tracer.wrap_handler(handler, subject, queue=queue)
         handle = SubscriptionHandle(self, subject, handler, queue, max_workers)
         self._core.add(handle._core)
         self._active[handle] = None
@@ -1359,6 +1440,9 @@ class Subscriber:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closing:
             raise _errors.SubscriptionClosedError("the subscriber is shutting down")
+        tracer = self._conn._tracer
+        if tracer is not None:  # OpenTelemetry: a "process {stream}/{consumer}" span
+            handler = tracer.wrap_handler(handler, f"{stream}/{consumer}", subscription=consumer)
         handle = JetStreamHandle(
             self,
             stream,
