@@ -317,10 +317,9 @@ class JsMsg:
         data: the payload.
         headers: the headers, or None.
         reply: the ``$JS.ACK...`` subject acks go to.
-        metadata: stream and consumer sequences, deliveries, timestamp, pending.
     """
 
-    __slots__ = ("_acked", "_conn", "data", "headers", "metadata", "reply", "subject")
+    __slots__ = ("_acked", "_conn", "_metadata", "data", "headers", "reply", "subject")
 
     def __init__(self, conn: Connection, msg: Msg) -> None:
         self._conn = conn
@@ -328,8 +327,21 @@ class JsMsg:
         self.data = msg.data
         self.headers = msg.headers
         self.reply = msg.reply
-        self.metadata = MsgMetadata._parse(msg.reply)
+        self._metadata: MsgMetadata | None = None  # parsed on first use
         self._acked = False
+
+    @property
+    def metadata(self) -> MsgMetadata:
+        """Stream and consumer sequences, deliveries, timestamp, pending (parsed from
+        ``reply`` on first use).
+
+        Raises:
+            JetStreamError: the reply subject is not a JetStream ack subject.
+        """
+        metadata = self._metadata
+        if metadata is None:
+            metadata = self._metadata = MsgMetadata._parse(self.reply)
+        return metadata
 
     @property
     def is_acked(self) -> bool:

@@ -54,7 +54,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from . import _errors
-from ._jetstream import AckPolicy, JsMsg, PullSubscription, _check_name
+from ._jetstream import AckPolicy, JetStream, JsMsg, PullSubscription, _check_name
 from ._validate import (
     check_bool,
     check_int,
@@ -878,6 +878,16 @@ class JetStreamHandle:
         self._done = trio.Event()
         self._conn: Connection | None = None
         self._psub: PullSubscription | None = None
+        self._task_name = f"trionats.jetstream worker {self.subject!r}"
+        # Final acks queued by finished handlers, sent by the one acker task in batches
+        # (see _acker): (message, payload, outcome). Their slots stay taken until sent
+        # (and, with confirm_acks, confirmed).
+        self._acks: list[tuple[JsMsg, bytes, Outcome]] = []
+        self._acks_lot = ParkingLot()
+        self._acks_closed = False
+        # Handlers running, with when their message last had an ack or +WPI sent (the
+        # one heartbeat task reads it).
+        self._running: dict[JsMsg, float] = {}
 
     # -- public --------------------------------------------------------------------------
     def stats(self) -> SubscriberStats:
@@ -952,41 +962,56 @@ class JetStreamHandle:
         try:
             info = await js.consumer_info(self.stream, self.consumer)
             self._ack_wait = info.ack_wait
-            async with trio.open_nursery() as workers:
-                self._workers = workers
-                if self._stop_deadline < math.inf:
-                    workers.cancel_scope.deadline = self._stop_deadline
-                async with js.pull_subscribe(self.stream, self.consumer) as psub:
-                    self._psub = psub
-                    sub_core.running(self._core, self._counts)
-                    task_status.started()
-                    try:
-                        with self._loop_scope:
-                            await self._fetch_loop(psub, workers)
-                    except (_errors.ConnectionClosedError, _errors.SubscriptionClosedError):
-                        reason = self._subscriber._connection_error()
-                        log.warning(
-                            "JetStream consumer %r ended (connection closed%s); finishing "
-                            "its in-flight handlers",
-                            self.subject,
-                            f": {reason}" if reason else "",
-                        )
-                    finally:
-                        sub_core.stopping(self._core)
-                        with trio.CancelScope(shield=True):
-                            await psub._stop_interest()
-                            self._settle_buffered(psub)
-                            sub_core.unreserve(self._core, self._outstanding)
-                            self._outstanding = 0
-                            self._counts.dropped += await psub._nak_leftovers()
-                # The nursery now waits for in-flight handlers, until the stop deadline.
+            async with trio.open_nursery() as side:
+                side.start_soon(self._acker, name=f"trionats.jetstream acker {self.subject!r}")
+                beats = trio.CancelScope()
+                if self._heartbeat_on:
+                    side.start_soon(self._heartbeats, beats)
+                try:
+                    await self._run_workers(js, sub_core, task_status)
+                finally:
+                    beats.cancel()
+                    self._acks_closed = True  # every handler has ended: no more acks
+                    self._acks_lot.unpark_all()
         except BaseExceptionGroup as group:
-            _errors.reraise_unwrapped(group, 1)
+            _errors.reraise_unwrapped(group, 2)
         finally:
             sub_core.stopping(self._core)
             sub_core.stopped(self._core)
             self._subscriber._active.pop(self, None)
             self._done.set()
+
+    async def _run_workers(
+        self, js: JetStream, sub_core: _SubscriberCore, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with trio.open_nursery() as workers:
+            self._workers = workers
+            if self._stop_deadline < math.inf:
+                workers.cancel_scope.deadline = self._stop_deadline
+            async with js.pull_subscribe(self.stream, self.consumer) as psub:
+                self._psub = psub
+                sub_core.running(self._core, self._counts)
+                task_status.started()
+                try:
+                    with self._loop_scope:
+                        await self._fetch_loop(psub, workers)
+                except (_errors.ConnectionClosedError, _errors.SubscriptionClosedError):
+                    reason = self._subscriber._connection_error()
+                    log.warning(
+                        "JetStream consumer %r ended (connection closed%s); finishing "
+                        "its in-flight handlers",
+                        self.subject,
+                        f": {reason}" if reason else "",
+                    )
+                finally:
+                    sub_core.stopping(self._core)
+                    with trio.CancelScope(shield=True):
+                        await psub._stop_interest()
+                        self._settle_buffered(psub)
+                        sub_core.unreserve(self._core, self._outstanding)
+                        self._outstanding = 0
+                        self._counts.dropped += await psub._nak_leftovers()
+            # The nursery now waits for in-flight handlers, until the stop deadline.
 
     def _settle_buffered(self, psub: PullSubscription) -> None:
         """At a stop: hand buffered messages of the outstanding request to the stash
@@ -998,14 +1023,20 @@ class JetStreamHandle:
                 psub._stash.append(item)
 
     async def _fetch_loop(self, psub: PullSubscription, workers: trio.Nursery) -> None:
-        """Request ``min(free slots, max_batch)`` messages, start each as it arrives."""
+        """Request ``min(free slots, max_batch)`` messages, start each as it arrives.
+
+        A request waits until half the slots this handle can use are free (or none of its
+        handlers is running), so that a busy consumer does not pay one pull round trip
+        per freed slot: full batches, like a fetch loop of nats-py.
+        """
         sub_core = self._subscriber._core
         core = self._core
         slot_freed = self._subscriber._slot_freed
         sub = psub._sub
+        low_water = max(1, min(self.max_batch, core.max_workers, sub_core.max_workers) // 2)
         while core.state is _State.RUNNING:
             free = sub_core.free_slots(core)
-            if free <= 0:
+            if free <= 0 or (free < low_water and core.in_flight > 0):
                 await slot_freed.park()
                 continue
             n = min(free, self.max_batch)
@@ -1052,7 +1083,7 @@ class JetStreamHandle:
             workers.start_soon(self._send, msg, b"-NAK")
             return
         self._counts.delivered += 1
-        workers.start_soon(self._work, msg, name=f"trionats.jetstream worker {self.subject!r}")
+        workers.start_soon(self._work, msg, name=self._task_name)
 
     async def _send(self, msg: JsMsg, payload: bytes) -> None:
         """Queue an ack (shielded, bounded): the outcome of a handler is never lost to a
@@ -1068,67 +1099,138 @@ class JetStreamHandle:
             except _errors.TrionatsError as exc:
                 log.warning("could not send %r for %r: %r", payload, msg, exc)
 
-    async def _settle(self, msg: JsMsg, payload: bytes) -> None:
-        if not msg._acked:
-            msg._acked = True
-            await self._send(msg, payload)
+    async def _acker(self) -> None:
+        """Send the final acks of finished handlers, in batches, then free their slots.
 
-    async def _heartbeat(self, msg: JsMsg, scope: trio.CancelScope) -> None:
-        """``+WPI`` every half ``ack_wait`` while the handler runs and has not acked."""
-        with scope:
-            interval = max(self._ack_wait / 2, 0.01)
+        Shielded (each batch bounded by ``_ACK_CONFIRM_TIMEOUT``): an outcome is never
+        lost to a cancel. With ``confirm_acks``, each batch's last ack is a request: the
+        server processes one connection's acks in order, so its confirmation confirms the
+        whole batch, and the batch's slots are freed only then (``num_ack_pending`` stays
+        within ``max_workers``). Acks finished meanwhile wait for the next batch: one
+        confirmation round trip in flight at a time, batches as large as the load.
+        """
+        conn = self._conn
+        assert conn is not None
+        sub_core = self._subscriber._core
+        core = self._core
+        confirm = self._confirm_acks
+        with trio.CancelScope(shield=True):
             while True:
-                await trio.sleep(interval)
-                if msg._acked:
-                    return
-                try:
-                    await msg.in_progress()
-                except _errors.TrionatsError as exc:
-                    log.warning("in_progress for %r failed: %r", msg, exc)
-                    return
+                batch = self._acks
+                if not batch:
+                    if self._acks_closed:
+                        return
+                    await self._acks_lot.park()
+                    continue
+                self._acks = []
+                with trio.move_on_after(_ACK_CONFIRM_TIMEOUT) as scope:
+                    try:
+                        last = len(batch) - 1
+                        for i, (msg, payload, _) in enumerate(batch):
+                            if confirm and i == last:
+                                await conn.request(msg.reply, payload, timeout=_ACK_CONFIRM_TIMEOUT)
+                            else:
+                                await conn._publish(msg.reply, payload, "", None)
+                    except _errors.TrionatsError as exc:
+                        log.warning(
+                            "could not send the acks of %d message(s) of %r: %r",
+                            len(batch),
+                            self.subject,
+                            exc,
+                        )
+                if scope.cancelled_caught:
+                    log.warning(
+                        "the acks of %d message(s) of %r were not %s within %s s",
+                        len(batch),
+                        self.subject,
+                        "confirmed" if confirm else "sent",
+                        _ACK_CONFIRM_TIMEOUT,
+                    )
+                for _, _, outcome in batch:
+                    sub_core.finished(core, outcome)
+                lot = self._subscriber._slot_freed
+                if lot:
+                    lot.unpark_all()
+
+    async def _heartbeats(self, scope: trio.CancelScope) -> None:
+        """``+WPI`` for each handler still running a quarter to half an ``ack_wait`` after
+        its message came (or after its last ``+WPI``): one task for all handlers."""
+        running = self._running
+        tick = max(self._ack_wait / 4, 0.005)
+        with scope:
+            while True:
+                await trio.sleep(tick)
+                now = trio.current_time()
+                for msg, since in list(running.items()):
+                    if now - since < tick or msg._acked or msg not in running:
+                        continue
+                    running[msg] = now
+                    try:
+                        await msg.in_progress()
+                    except _errors.TrionatsError as exc:
+                        if not msg._acked:
+                            log.warning("in_progress for %r failed: %r", msg, exc)
 
     async def _work(self, msg: JsMsg) -> None:
         subscriber = self._subscriber
         timeout = subscriber._config.handler_timeout
         policy = self.ack_policy
         outcome = Outcome.CANCELLED
-        hb = trio.CancelScope()
+        running = self._running
+        heartbeat = self._heartbeat_on
         try:
             try:
                 if policy is AckPolicy.ACK_FIRST:
-                    await self._settle(msg, b"+ACK")
-                if self._heartbeat_on and self._workers is not None:
-                    self._workers.start_soon(self._heartbeat, msg, hb)
+                    msg._acked = True
+                    await self._send(msg, b"+ACK")
+                if heartbeat:
+                    running[msg] = trio.current_time()
                 try:
-                    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                    if timeout is None:
                         await self._handler(msg)
+                    else:
+                        with trio.move_on_after(timeout) as scope:
+                            await self._handler(msg)
+                        if scope.cancelled_caught:
+                            outcome = Outcome.TIMED_OUT
+                            log.warning(
+                                "handler for %r timed out after %s s", self.subject, timeout
+                            )
+                            return
                 finally:
-                    hb.cancel()
-                if scope.cancelled_caught:
-                    outcome = Outcome.TIMED_OUT
-                    log.warning("handler for %r timed out after %s s", self.subject, timeout)
-                    return
+                    if heartbeat:
+                        del running[msg]
                 outcome = Outcome.PROCESSED
-                if policy is not AckPolicy.MANUAL:
-                    await self._settle(msg, b"+ACK")
             except Exception as exc:
                 outcome = Outcome.FAILED
                 log.error("handler for %r failed on %r: %r", self.subject, msg, exc, exc_info=exc)
-                if policy is AckPolicy.NAK_ON_ERROR:
-                    delay = self._nak_delay
-                    await self._settle(
-                        msg,
-                        b"-NAK" if delay is None else b'-NAK {"delay": %d}' % int(delay * 1e9),
-                    )
-                elif policy is AckPolicy.TERM_ON_ERROR:
-                    await self._settle(msg, b"+TERM")
         finally:
-            if outcome in (Outcome.CANCELLED, Outcome.TIMED_OUT):
-                await self._settle(msg, b"-NAK")  # not processed: redeliver at once
-            subscriber._core.finished(self._core, outcome)
-            lot = subscriber._slot_freed
-            if lot:
-                lot.unpark_all()
+            payload = None
+            if not msg._acked:
+                if outcome is Outcome.PROCESSED:
+                    if policy is not AckPolicy.MANUAL:
+                        payload = b"+ACK"
+                elif outcome is Outcome.FAILED:
+                    if policy is AckPolicy.NAK_ON_ERROR:
+                        delay = self._nak_delay
+                        payload = (
+                            b"-NAK" if delay is None else b'-NAK {"delay": %d}' % int(delay * 1e9)
+                        )
+                    elif policy is AckPolicy.TERM_ON_ERROR:
+                        payload = b"+TERM"
+                else:  # cancelled or timed out: not processed, redeliver at once
+                    payload = b"-NAK"
+            if payload is None:
+                subscriber._core.finished(self._core, outcome)
+                lot = subscriber._slot_freed
+                if lot:
+                    lot.unpark_all()
+            else:
+                # The acker sends it and frees the slot (no await: a cancel cannot lose it).
+                msg._acked = True
+                self._acks.append((msg, payload, outcome))
+                if self._acks_lot:
+                    self._acks_lot.unpark()
 
 
 @final
