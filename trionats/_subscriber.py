@@ -1359,11 +1359,22 @@ class Subscriber:
         ``max_workers``) and no message sits in a buffer past ``ack_wait``. One pull
         request is outstanding at a time; it expires after ``expires`` seconds.
 
+        A request waits until half the slots it may use are free (or no handler of it
+        runs), so a busy consumer asks for full batches rather than one message per freed
+        slot.
+
         Each message is acknowledged according to ``ack_policy`` (see
         :class:`trionats.AckPolicy`); a handler that is cancelled or times out has its
-        message naked at once. While a handler runs, ``+WPI`` (in progress) is sent every
-        half ``ack_wait`` (``heartbeat=False`` turns that off), so a long handler keeps
-        its message; the heartbeats stop when the handler ends.
+        message naked at once. The final acks are sent by one task in batches (a cancel
+        never loses one); with ``confirm_acks=True`` each batch's last ack is a request
+        whose confirmation (the server processes a connection's acks in order) confirms
+        the whole batch, and the batch's slots are freed only then: ``num_ack_pending``
+        never exceeds ``max_workers``, at the cost of holding each slot one round trip
+        longer. ``confirm_acks=False`` frees a slot as soon as its ack is queued: a
+        little faster, with a slack of at most ``max_workers`` more messages pending on
+        the server. While a handler runs, ``+WPI`` (in progress) is sent every quarter to
+        half ``ack_wait`` (one task for all handlers; ``heartbeat=False`` turns that off),
+        so a long handler keeps its message; the heartbeats stop when the handler ends.
 
         Args:
             stream: the stream.
@@ -1376,8 +1387,8 @@ class Subscriber:
             nak_delay: seconds the server waits before redelivering a message naked by
                 ``NAK_ON_ERROR`` (None: at once, or per the consumer's backoff).
             heartbeat: send in-progress acks for long handlers.
-            confirm_acks: wait for the server to confirm each final ack before the
-                worker's slot is freed (see above).
+            confirm_acks: free a slot only once the server confirmed its final ack
+                (confirmed in batches, see above).
             expires: seconds a pull request waits on the server for messages.
             timeout: seconds for the start (consumer lookup, inbox subscription); None:
                 no deadline of its own.
