@@ -12,7 +12,8 @@ from test_cancellation import cancel_at_every_checkpoint
 
 import trionats
 from trionats import AckPolicy, DeliverPolicy, JetStreamError, MsgAlreadyAckedError
-from trionats._jetstream import MsgMetadata
+from trionats._jetstream import JsMsg, MsgMetadata
+from trionats._msg import Msg
 
 
 async def _pending(js: trionats.JetStream, stream: str, consumer: str) -> tuple[int, int]:
@@ -210,6 +211,17 @@ def test_metadata_parses_both_reply_forms() -> None:
     assert MsgMetadata._parse("$JS.ACK._.H.S.c.1.2.3.4.5.r").domain is None
     with pytest.raises(JetStreamError):
         MsgMetadata._parse("$JS.ACK.S.c.1.2")
+
+
+def test_jsmsg_metadata_is_parsed_on_first_use() -> None:
+    conn: Any = None  # never used: nothing is sent
+    ok = JsMsg(conn, Msg(conn, "s.a", "$JS.ACK.S.c.1.7.8.1700000000000000000.0", b"x", None))
+    assert ok._metadata is None
+    assert ok.metadata.stream_seq == 7
+    assert ok.metadata is ok.metadata
+    bad = JsMsg(conn, Msg(conn, "s.a", "$JS.ACK.S.c.1.2", b"x", None))
+    with pytest.raises(JetStreamError, match="not a JetStream message reply subject"):
+        _ = bad.metadata
 
 
 async def _setup(nc: trionats.Connection, n: int, **consumer: Any) -> trionats.JetStream:

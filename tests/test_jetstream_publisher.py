@@ -93,3 +93,71 @@ async def test_publisher_bad_input(nats_url: str) -> None:
                 await pub.publish("s.a", "text")  # type: ignore[arg-type]
         with pytest.raises(trionats.TrionatsError, match="ended"):
             await pub.publish("s.a", b"")
+
+
+async def test_fast_path_publish_cancelled_at_every_checkpoint(nats_url: str) -> None:
+    """With room under max_pending, publish yields only every few hundred calls: a cancel
+    at any of those yields (or at the next call's check) sends nothing more; every future
+    returned carries a PubAck and the stream holds exactly those messages."""
+    async with trionats.open_connection(nats_url) as nc:
+        js = nc.jetstream()
+        await js.add_stream("S", ["s.>"])
+        futures: list[PubAckFuture] = []
+        async with js.publisher(max_pending=10_000) as pub:
+
+            async def op() -> None:
+                for _ in range(600):
+                    futures.append(await pub.publish("s.a", b"x"))
+
+            async def check() -> None:
+                pass
+
+            steps = await cancel_at_every_checkpoint(op, check)
+        assert steps >= 2  # the loop did yield, and was cancelled there
+        seqs = sorted([(await f.result()).seq for f in futures])
+        assert seqs == list(range(1, len(futures) + 1))
+        assert (await js.stream_info("S")).messages == len(futures)
+
+
+async def test_publish_in_a_cancelled_scope_sends_nothing(nats_url: str) -> None:
+    async with trionats.open_connection(nats_url) as nc:
+        js = nc.jetstream()
+        await js.add_stream("S", ["s.>"])
+        async with js.publisher() as pub:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await pub.publish("s.a", b"x")
+            assert scope.cancelled_caught
+            last = await pub.publish("s.a", b"y")
+        assert (await last.result()).seq == 1
+        assert (await js.stream_info("S")).messages == 1
+
+
+async def test_unanswered_publishes_time_out_inside_the_block(nats_url: str) -> None:
+    """Nobody answers (a plain subscriber, no stream): each future ends with a
+    TimeoutError after ``timeout``, while the block is still open, and frees its place."""
+    async with (
+        trionats.open_connection(nats_url) as nc,
+        nc.subscribe("mute.>") as sub,
+        nc.jetstream().publisher(max_pending=2, timeout=0.2) as pub,
+    ):
+        futures = [await pub.publish("mute.a", b"x") for _ in range(5)]  # waits for room
+        for f in futures:
+            with pytest.raises(trionats.TimeoutError, match="may be stored"):
+                await f.result()
+        assert sub.pending == 5
+
+
+async def test_connection_closed_resolves_outstanding_futures(nats_url: str) -> None:
+    async with (
+        trionats.open_connection(nats_url) as listener,
+        listener.subscribe("mute.>"),
+        trionats.open_connection(nats_url) as nc,
+        nc.jetstream().publisher(max_pending=8, timeout=30) as pub,
+    ):
+        futures = [await pub.publish("mute.a", b"x") for _ in range(3)]
+        with trio.fail_after(10):
+            await nc.aclose()
+            for f in futures:
+                with pytest.raises(trionats.ConnectionClosedError):
+                    await f.result()

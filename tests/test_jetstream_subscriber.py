@@ -500,3 +500,46 @@ async def test_cancelled_stop_still_naks_in_flight_messages(nats_url: str) -> No
             with trio.fail_after(5):
                 again = await psub.fetch(2, timeout=4)  # naked: redelivered at once
             assert sorted(m.metadata.num_delivered for m in again) == [2, 2]
+
+
+@pytest.mark.parametrize("confirm_acks", [True, False])
+async def test_an_outer_cancel_loses_no_batched_ack(nats_url: str, confirm_acks: bool) -> None:
+    """Final acks go out in batches from one acker task: an outer cancel in the middle of
+    a busy run still sends every one of them, so no message whose handler completed is
+    delivered again; the others were naked, so they come back to the next run at once."""
+    n = 400
+    async with trionats.open_connection(nats_url) as nc:
+        await _stream(nc, n, ack_wait=60)
+        processed: Counter[int] = Counter()
+
+        async def handler(msg: JsMsg) -> None:
+            await trio.lowlevel.checkpoint()  # a cancel may land here: the message is naked
+            processed[int(msg.data)] += 1
+
+        with trio.CancelScope() as scope:
+            async with trionats.open_subscriber(nc, SubscriberConfig(max_workers=64)) as sub:
+                await sub.start_jetstream("S", "c", handler, confirm_acks=confirm_acks)
+
+                async def some() -> bool:
+                    if sum(processed.values()) >= n // 4:
+                        scope.cancel()
+                        return True
+                    return False
+
+                await _until(some)
+                await trio.sleep_forever()
+        assert scope.cancelled_caught
+        assert sum(processed.values()) < n
+        done = trio.Event()
+
+        async def rest(msg: JsMsg) -> None:
+            processed[int(msg.data)] += 1
+            if len(processed) == n:
+                done.set()
+
+        async with trionats.open_subscriber(nc) as sub:
+            await sub.start_jetstream("S", "c", rest)
+            with trio.fail_after(20):
+                await done.wait()
+        assert set(processed) == set(range(n))
+        assert max(processed.values()) == 1  # nothing acked was delivered again

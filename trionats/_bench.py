@@ -701,9 +701,9 @@ async def _trionats_js_consume(url: str, count: int, payload: bytes) -> dict[str
     """``open_subscriber(max_workers=256)`` + ``start_jetstream`` with a no-op handler on a
     filled file stream; timed until the last handler ran and the acks were flushed.
 
-    ``start_jetstream`` runs with its defaults, so ``confirm_acks=True``: each worker slot
-    waits for the server to confirm its ack, more work than the raw side's ``m.ack()``
-    (which confirms nothing).
+    ``start_jetstream`` runs with its defaults, so ``confirm_acks=True``: a slot is freed
+    once the server confirmed its ack (confirmed in batches, one round trip per batch),
+    more than the raw side's ``m.ack()`` (which confirms nothing).
     """
     import trio
 

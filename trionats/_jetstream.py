@@ -31,7 +31,15 @@ from trio.lowlevel import checkpoint_if_cancelled
 
 from . import _errors
 from ._errors import JetStreamError
-from ._validate import check_data, check_headers, check_int, check_publish_subject, check_seconds
+from ._request import _Pending
+from ._validate import (
+    _PUBLISH_OK,
+    check_data,
+    check_headers,
+    check_int,
+    check_publish_subject,
+    check_seconds,
+)
 
 if TYPE_CHECKING:
     from ._connection import Connection
@@ -309,10 +317,9 @@ class JsMsg:
         data: the payload.
         headers: the headers, or None.
         reply: the ``$JS.ACK...`` subject acks go to.
-        metadata: stream and consumer sequences, deliveries, timestamp, pending.
     """
 
-    __slots__ = ("_acked", "_conn", "data", "headers", "metadata", "reply", "subject")
+    __slots__ = ("_acked", "_conn", "_metadata", "data", "headers", "reply", "subject")
 
     def __init__(self, conn: Connection, msg: Msg) -> None:
         self._conn = conn
@@ -320,8 +327,21 @@ class JsMsg:
         self.data = msg.data
         self.headers = msg.headers
         self.reply = msg.reply
-        self.metadata = MsgMetadata._parse(msg.reply)
+        self._metadata: MsgMetadata | None = None  # parsed on first use
         self._acked = False
+
+    @property
+    def metadata(self) -> MsgMetadata:
+        """Stream and consumer sequences, deliveries, timestamp, pending (parsed from
+        ``reply`` on first use).
+
+        Raises:
+            JetStreamError: the reply subject is not a JetStream ack subject.
+        """
+        metadata = self._metadata
+        if metadata is None:
+            metadata = self._metadata = MsgMetadata._parse(self.reply)
+        return metadata
 
     @property
     def is_acked(self) -> bool:
@@ -884,11 +904,22 @@ class JetStream:
         pub = Publisher(self, max_pending, timeout)
         try:
             async with trio.open_nursery() as nursery:
-                pub._nursery = nursery
+                # The watchdog is shielded: a cancel of the block must not stop the timeouts
+                # the shielded exit below relies on to be bounded.
+                watch = trio.CancelScope(shield=True)
+
+                async def watchdog() -> None:
+                    with watch:
+                        await pub._watch()
+
+                nursery.start_soon(watchdog)
+                pub._open = True
                 try:
                     yield pub
                 finally:
-                    pub._nursery = None
+                    with trio.CancelScope(shield=True):
+                        await pub._finish()
+                    watch.cancel()
         except BaseExceptionGroup as group:
             _errors.reraise_unwrapped(group, 1)
 
@@ -979,19 +1010,29 @@ class PubAckFuture:
         msg_id: the message id, or None.
     """
 
-    __slots__ = ("_ack", "_done", "_error", "msg_id", "subject")
+    __slots__ = ("_ack", "_data", "_done", "_error", "_event", "msg_id", "subject")
 
     def __init__(self, subject: str, msg_id: str | None) -> None:
         self.subject = subject
         self.msg_id = msg_id
         self._ack: PubAck | None = None
+        self._data = b""  # the server's answer, decoded on the first result()
         self._error: BaseException | None = None
-        self._done = trio.Event()
+        self._done = False
+        self._event: trio.Event | None = None  # created only when someone waits
 
     @property
     def done(self) -> bool:
         """True once the server answered, or the wait for its answer ended."""
-        return self._done.is_set()
+        return self._done
+
+    def _resolve(self, data: bytes, error: BaseException | None) -> None:
+        self._data = data
+        self._error = error
+        self._done = True
+        event = self._event
+        if event is not None:
+            event.set()
 
     async def result(self) -> PubAck:
         """Wait for the outcome.
@@ -1002,11 +1043,80 @@ class PubAckFuture:
                 stored (publish it again with the same ``msg_id`` to be sure).
             trionats.ConnectionClosedError: the connection closed before the PubAck.
         """
-        await self._done.wait()
+        if self._done:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        if self._error is None and self._ack is None:
+            try:
+                self._ack = _pub_ack(_decode(self._data, "publish"))
+            except JetStreamError as exc:
+                self._error = exc
+            self._data = b""
         if self._error is not None:
             raise self._error
         assert self._ack is not None
         return self._ack
+
+
+def _pub_ack(r: dict[str, Any]) -> PubAck:
+    return PubAck(
+        stream=r.get("stream", ""),
+        seq=int(r.get("seq", 0)),
+        duplicate=bool(r.get("duplicate", False)),
+        domain=r.get("domain"),
+    )
+
+
+class _AckWait(_Pending):
+    """One outstanding PubAck of a :class:`Publisher`, registered in the connection's
+    reply router.
+
+    The router hands the reply over by setting ``msg`` (or ``error`` when the connection
+    dies); here those are properties that settle the future on the spot, from the read
+    loop: no Trio task is parked or woken per message. ``task`` stays None, so the router
+    never reschedules anything for it.
+    """
+
+    __slots__ = ("deadline", "future", "publisher", "token")
+
+    def __init__(self, publisher: Publisher, future: PubAckFuture, token: str, deadline: float):
+        self.task = None
+        self.active = True  # False once settled (reply, error, timeout or not sent)
+        self.publisher = publisher
+        self.future = future
+        self.token = token
+        self.deadline = deadline
+
+    @property
+    def msg(self) -> Msg | None:
+        return None
+
+    @msg.setter
+    def msg(self, msg: Msg | None) -> None:
+        if msg is None or not self.active:
+            return
+        headers = msg.headers
+        if headers is not None and not msg.data and headers.get(_STATUS) == "503":
+            subject = self.future.subject
+            self.publisher._settle(
+                self, JetStreamError(f"no stream captures {subject!r}", code=503)
+            )
+        else:
+            self.publisher._settle(self, None, msg.data)
+
+    @property
+    def error(self) -> BaseException | None:
+        return None
+
+    @error.setter
+    def error(self, error: BaseException | None) -> None:
+        if error is not None and self.active:
+            self.publisher._settle(
+                self, _errors.ConnectionClosedError("the connection closed before the PubAck came")
+            )
 
 
 @final
@@ -1019,14 +1129,23 @@ class Publisher:
     for every outstanding PubAck, each at most ``timeout`` seconds, even when the block
     is left by a cancel (shielded, bounded): every future is resolved, so a cancel never
     hides whether a message was stored.
+
+    Cost: with room under ``max_pending``, ``publish`` does not yield (it checks for
+    cancellation, and yields every few hundred calls, like :meth:`Connection.publish`);
+    each PubAck settles its future from the connection's reply router, without a task
+    per message; one watchdog task per block enforces the timeouts.
     """
 
     def __init__(self, js: JetStream, max_pending: int, timeout: float) -> None:
-        self._js = js
-        self._limit = trio.Semaphore(max_pending)
+        self._conn = js._conn
+        self._max_pending = max_pending
         self._timeout = timeout
-        self._nursery: trio.Nursery | None = None
-        self.futures: list[PubAckFuture] = []
+        self._outstanding = 0
+        self._order: deque[_AckWait] = deque()  # in publish order, so in deadline order
+        self._room = trio.lowlevel.ParkingLot()  # publish() waiting under max_pending
+        self._idle = trio.lowlevel.ParkingLot()  # the watchdog, nothing outstanding
+        self._drained = trio.lowlevel.ParkingLot()  # the block's exit, waiting for all
+        self._open = False
 
     async def publish(
         self,
@@ -1042,77 +1161,93 @@ class Publisher:
             ValueError / TypeError: bad subject, data, msg_id or headers.
         """
         await checkpoint_if_cancelled()
-        hdrs = _publish_headers(subject, data, headers, msg_id)
-        nursery = self._nursery
-        if nursery is None:
+        hdrs: dict[str, str] | None = None
+        if headers is None and msg_id is None:
+            if subject not in _PUBLISH_OK:
+                check_publish_subject(subject)
+            if type(data) is not bytes:
+                check_data(data)
+        else:
+            hdrs = _publish_headers(subject, data, headers, msg_id) or None
+        if not self._open:
             raise _errors.TrionatsError("the publisher's block has ended")
-        await self._limit.acquire()
+        while self._outstanding >= self._max_pending:
+            await self._room.park()  # a cancel here sent nothing
+            if not self._open:
+                raise _errors.TrionatsError("the publisher's block has ended")
+        conn = self._conn
         try:
-            conn = self._js._conn
             conn._check_open()
-            router = conn._router or await conn._ensure_router()
-            from ._request import _Pending
-
-            token = "p" + str(next(conn._tokens))
-            pending = _Pending()
-            router.waiting[token] = pending
-            try:
-                await conn._publish(subject, data, router.prefix + token, hdrs or None)
-            except BaseException:
-                router.waiting.pop(token, None)
-                raise
+            router = conn._router or await conn._ensure_router()  # never yields
         except BaseException:
-            self._limit.release()
+            self._pass_room()
             raise
+        token = "p" + str(next(conn._tokens))
         future = PubAckFuture(subject, msg_id)
-        self.futures.append(future)
-        nursery.start_soon(self._wait_ack, router, token, pending, future)
+        wait = _AckWait(self, future, token, trio.current_time() + self._timeout)
+        router.waiting[token] = wait
+        self._outstanding += 1
+        try:
+            await conn._publish(subject, data, router.prefix + token, hdrs)
+        except BaseException:
+            if wait.active:  # not sent (the publish contract): forget it
+                router.waiting.pop(token, None)
+                self._settle(wait, _errors.TrionatsError("not sent"))
+            raise
+        order = self._order
+        while order and not order[0].active:
+            order.popleft()
+        order.append(wait)
+        if self._idle:
+            self._idle.unpark_all()
         return future
 
-    async def _wait_ack(self, router: Any, token: str, pending: Any, future: PubAckFuture) -> None:
-        conn = self._js._conn
-        timer = router.timer
-        timed = False
-        try:
-            with trio.CancelScope(shield=True):  # bounded by the timer below
-                if pending.msg is None and pending.error is None:
-                    pending.task = trio.lowlevel.current_task()
-                    timer.add(pending, self._timeout)
-                    timed = True
+    def _pass_room(self) -> None:
+        """A publish that was woken for room does not take it: wake the next one."""
+        if self._room and self._outstanding < self._max_pending:
+            self._room.unpark()
 
-                    def abort(_: Any) -> trio.lowlevel.Abort:
-                        pending.task = None
-                        return trio.lowlevel.Abort.SUCCEEDED
+    def _settle(self, wait: _AckWait, error: BaseException | None, data: bytes = b"") -> None:
+        """Resolve ``wait``'s future (once) and free its place under ``max_pending``."""
+        if not wait.active:
+            return
+        wait.active = False
+        wait.future._resolve(data, error)
+        self._outstanding -= 1
+        if self._room:
+            self._room.unpark()
+        if not self._outstanding and self._drained:
+            self._drained.unpark_all()
 
-                    await trio.lowlevel.wait_task_rescheduled(abort)
-        finally:
-            router.waiting.pop(token, None)
-            pending.active = False
-            if timed:
-                timer.finished()
-            self._limit.release()
-        msg = pending.msg
-        pending.msg = None
-        try:
-            if msg is None:
-                if pending.error is not None or conn._closed:
-                    raise _errors.ConnectionClosedError(
-                        "the connection closed before the PubAck came"
+    async def _watch(self) -> None:
+        """Time out PubAcks: sleep until the oldest outstanding one's deadline."""
+        order = self._order
+        conn = self._conn
+        while True:
+            while order and not order[0].active:
+                order.popleft()
+            if not order:
+                await self._idle.park()
+                continue
+            await trio.sleep_until(order[0].deadline)
+            now = trio.current_time()
+            while order and (not order[0].active or order[0].deadline <= now):
+                wait = order.popleft()
+                if wait.active:
+                    router = conn._router
+                    if router is not None:
+                        router.waiting.pop(wait.token, None)
+                    self._settle(
+                        wait,
+                        _errors.TimeoutError(
+                            f"no PubAck for {wait.future.subject!r} within {self._timeout} s "
+                            "(the message may be stored)"
+                        ),
                     )
-                raise _errors.TimeoutError(
-                    f"no PubAck for {future.subject!r} within {self._timeout} s "
-                    "(the message may be stored)"
-                )
-            headers = msg.headers
-            if headers is not None and headers.get(_STATUS) == "503" and not msg.data:
-                raise JetStreamError(f"no stream captures {future.subject!r}", code=503)
-            r = _decode(msg.data, "publish")
-            future._ack = PubAck(
-                stream=r.get("stream", ""),
-                seq=int(r.get("seq", 0)),
-                duplicate=bool(r.get("duplicate", False)),
-                domain=r.get("domain"),
-            )
-        except _errors.TrionatsError as exc:
-            future._error = exc
-        future._done.set()
+
+    async def _finish(self) -> None:
+        """At the block's exit: wait (the caller shields) until every future is resolved."""
+        self._open = False
+        self._room.unpark_all()  # publishes waiting for room: the block has ended
+        while self._outstanding:
+            await self._drained.park()

@@ -46,6 +46,7 @@ import inspect
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from . import _errors
-from ._jetstream import AckPolicy, JsMsg, PullSubscription, _check_name
+from ._jetstream import AckPolicy, JetStream, JsMsg, PullSubscription, _check_name
 from ._log import RateLimiter, conn_fields
 from ._metrics import EMPTY, Histogram, LatencySnapshot, merged_snapshot
 from ._validate import (
@@ -945,6 +946,22 @@ class JetStreamHandle:
         self._done = trio.Event()
         self._conn: Connection | None = None
         self._psub: PullSubscription | None = None
+        self._task_name = f"trionats.jetstream worker {self.subject!r}"
+        # Final acks queued by finished handlers, sent by the one acker task in batches
+        # (see _acker): (message, payload, outcome). Their slots stay taken until sent
+        # (and, with confirm_acks, confirmed).
+        self._acks: list[tuple[JsMsg, bytes, Outcome]] = []
+        self._acks_lot = ParkingLot()
+        self._acks_closed = False
+        # Handlers running, with when their message last had an ack or +WPI sent (the
+        # one heartbeat task reads it).
+        self._running: dict[JsMsg, float] = {}
+        # Persistent workers: messages given a slot wait here for a worker (an idle one
+        # is woken, or one is started); a task per message cost ~3x more.
+        self._ready: deque[JsMsg] = deque()
+        self._idle = ParkingLot()
+        self._n_workers = 0
+        self._no_more = False  # the fetch loop has ended: idle workers exit
 
     # -- public --------------------------------------------------------------------------
     def stats(self) -> SubscriberStats:
@@ -1020,6 +1037,30 @@ class JetStreamHandle:
         try:
             info = await js.consumer_info(self.stream, self.consumer)
             self._ack_wait = info.ack_wait
+            async with trio.open_nursery() as side:
+                side.start_soon(self._acker, name=f"trionats.jetstream acker {self.subject!r}")
+                beats = trio.CancelScope()
+                if self._heartbeat_on:
+                    side.start_soon(self._heartbeats, beats)
+                try:
+                    await self._run_workers(js, sub_core, task_status)
+                finally:
+                    beats.cancel()
+                    self._acks_closed = True  # every handler has ended: no more acks
+                    self._acks_lot.unpark_all()
+        except BaseExceptionGroup as group:
+            _errors.reraise_unwrapped(group, 2)
+        finally:
+            sub_core.stopping(self._core)
+            sub_core.stopped(self._core)
+            self._subscriber._active.pop(self, None)
+            self._done.set()
+            _limited.flush(self._own_key)
+
+    async def _run_workers(
+        self, js: JetStream, sub_core: _SubscriberCore, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
             async with trio.open_nursery() as workers:
                 self._workers = workers
                 if self._stop_deadline < math.inf:
@@ -1048,15 +1089,14 @@ class JetStreamHandle:
                             sub_core.unreserve(self._core, self._outstanding)
                             self._outstanding = 0
                             self._counts.dropped += await psub._nak_leftovers()
+                        self._no_more = True
+                        self._idle.unpark_all()
                 # The nursery now waits for in-flight handlers, until the stop deadline.
-        except BaseExceptionGroup as group:
-            _errors.reraise_unwrapped(group, 1)
         finally:
-            sub_core.stopping(self._core)
-            sub_core.stopped(self._core)
-            self._subscriber._active.pop(self, None)
-            self._done.set()
-            _limited.flush(self._own_key)
+            # Cancelled workers leave the messages they had not started: naked, like a
+            # handler cancelled before its first step.
+            while self._ready:
+                self._queue_ack(self._ready.popleft(), b"-NAK", Outcome.CANCELLED)
 
     def _settle_buffered(self, psub: PullSubscription) -> None:
         """At a stop: hand buffered messages of the outstanding request to the stash
@@ -1068,14 +1108,20 @@ class JetStreamHandle:
                 psub._stash.append(item)
 
     async def _fetch_loop(self, psub: PullSubscription, workers: trio.Nursery) -> None:
-        """Request ``min(free slots, max_batch)`` messages, start each as it arrives."""
+        """Request ``min(free slots, max_batch)`` messages, start each as it arrives.
+
+        A request waits until half the slots this handle can use are free (or none of its
+        handlers is running), so that a busy consumer does not pay one pull round trip
+        per freed slot: full batches, like a fetch loop of nats-py.
+        """
         sub_core = self._subscriber._core
         core = self._core
         slot_freed = self._subscriber._slot_freed
         sub = psub._sub
+        low_water = max(1, min(self.max_batch, core.max_workers, sub_core.max_workers) // 2)
         while core.state is _State.RUNNING:
             free = sub_core.free_slots(core)
-            if free <= 0:
+            if free <= 0 or (free < low_water and core.in_flight > 0):
                 await slot_freed.park()
                 continue
             n = min(free, self.max_batch)
@@ -1127,7 +1173,32 @@ class JetStreamHandle:
             workers.start_soon(self._send, msg, b"-NAK")
             return
         self._counts.delivered += 1
-        workers.start_soon(self._work, msg, name=f"trionats.jetstream worker {self.subject!r}")
+        self._ready.append(msg)
+        if self._idle:
+            self._idle.unpark()
+        else:  # every worker is busy: at most one per message in flight
+            self._n_workers += 1
+            workers.start_soon(self._worker, name=self._task_name)
+
+    async def _worker(self) -> None:
+        """Run handlers for the messages given a slot, one after the other; park when
+        there is none; exit once the fetch loop has ended and nothing is left."""
+        ready = self._ready
+        since_yield = 0
+        try:
+            while True:
+                if not ready:
+                    if self._no_more:
+                        return
+                    await self._idle.park()
+                    continue
+                await self._work(ready.popleft())
+                since_yield += 1
+                if since_yield >= _YIELD_EVERY:
+                    since_yield = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._n_workers -= 1
 
     async def _send(self, msg: JsMsg, payload: bytes) -> None:
         """Queue an ack (shielded, bounded): the outcome of a handler is never lost to a
@@ -1151,31 +1222,90 @@ class JetStreamHandle:
                     extra=self._log_fields(),
                 )
 
-    async def _settle(self, msg: JsMsg, payload: bytes) -> None:
-        if not msg._acked:
-            msg._acked = True
-            await self._send(msg, payload)
+    async def _acker(self) -> None:
+        """Send the final acks of finished handlers, in batches, then free their slots.
 
-    async def _heartbeat(self, msg: JsMsg, scope: trio.CancelScope) -> None:
-        """``+WPI`` every half ``ack_wait`` while the handler runs and has not acked."""
-        with scope:
-            interval = max(self._ack_wait / 2, 0.01)
+        Shielded (each batch bounded by ``_ACK_CONFIRM_TIMEOUT``): an outcome is never
+        lost to a cancel. With ``confirm_acks``, each batch's last ack is a request: the
+        server processes one connection's acks in order, so its confirmation confirms the
+        whole batch, and the batch's slots are freed only then (``num_ack_pending`` stays
+        within ``max_workers``). Acks finished meanwhile wait for the next batch: one
+        confirmation round trip in flight at a time, batches as large as the load.
+        """
+        conn = self._conn
+        assert conn is not None
+        sub_core = self._subscriber._core
+        core = self._core
+        confirm = self._confirm_acks
+        with trio.CancelScope(shield=True):
             while True:
-                await trio.sleep(interval)
-                if msg._acked:
-                    return
-                try:
-                    await msg.in_progress()
-                except _errors.TrionatsError as exc:
+                batch = self._acks
+                if not batch:
+                    if self._acks_closed:
+                        return
+                    await self._acks_lot.park()
+                    continue
+                self._acks = []
+                with trio.move_on_after(_ACK_CONFIRM_TIMEOUT) as scope:
+                    try:
+                        last = len(batch) - 1
+                        for i, (msg, payload, _) in enumerate(batch):
+                            if confirm and i == last:
+                                await conn.request(msg.reply, payload, timeout=_ACK_CONFIRM_TIMEOUT)
+                            else:
+                                await conn._publish(msg.reply, payload, "", None)
+                    except _errors.TrionatsError as exc:
+                        _limited.log(
+                            logging.WARNING,
+                            ("ack", self.subject),
+                            "could not send the acks of %d message(s) of %r: %r",
+                            len(batch),
+                            self.subject,
+                            exc,
+                            extra=self._log_fields(),
+                        )
+                if scope.cancelled_caught:
                     _limited.log(
                         logging.WARNING,
-                        ("in_progress", self.subject),
-                        "in_progress for %r failed: %r",
-                        msg,
-                        exc,
+                        ("ack", self.subject),
+                        "the acks of %d message(s) of %r were not %s within %s s",
+                        len(batch),
+                        self.subject,
+                        "confirmed" if confirm else "sent",
+                        _ACK_CONFIRM_TIMEOUT,
                         extra=self._log_fields(),
                     )
-                    return
+                for _, _, outcome in batch:
+                    sub_core.finished(core, outcome)
+                lot = self._subscriber._slot_freed
+                if lot:
+                    lot.unpark_all()
+
+    async def _heartbeats(self, scope: trio.CancelScope) -> None:
+        """``+WPI`` for each handler still running a quarter to half an ``ack_wait`` after
+        its message came (or after its last ``+WPI``): one task for all handlers."""
+        running = self._running
+        tick = max(self._ack_wait / 4, 0.005)
+        with scope:
+            while True:
+                await trio.sleep(tick)
+                now = trio.current_time()
+                for msg, since in list(running.items()):
+                    if now - since < tick or msg._acked or msg not in running:
+                        continue
+                    running[msg] = now
+                    try:
+                        await msg.in_progress()
+                    except _errors.TrionatsError as exc:
+                        if not msg._acked:
+                            _limited.log(
+                                logging.WARNING,
+                                ("in_progress", self.subject),
+                                "in_progress for %r failed: %r",
+                                msg,
+                                exc,
+                                extra=self._log_fields(),
+                            )
 
     def _log_fields(self) -> dict[str, object]:
         return conn_fields(self._subscriber._conn, "subscriber", subject=self.subject)
@@ -1189,33 +1319,37 @@ class JetStreamHandle:
         timeout = subscriber._config.handler_timeout
         policy = self.ack_policy
         outcome = Outcome.CANCELLED
-        hb = trio.CancelScope()
+        running = self._running
+        heartbeat = self._heartbeat_on
         started = time.perf_counter() if subscriber._config.metrics else None
         try:
             try:
                 if policy is AckPolicy.ACK_FIRST:
-                    await self._settle(msg, b"+ACK")
-                if self._heartbeat_on and self._workers is not None:
-                    self._workers.start_soon(self._heartbeat, msg, hb)
+                    msg._acked = True
+                    await self._send(msg, b"+ACK")
+                if heartbeat:
+                    running[msg] = trio.current_time()
                 try:
-                    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                    if timeout is None:
                         await self._handler(msg)
+                    else:
+                        with trio.move_on_after(timeout) as scope:
+                            await self._handler(msg)
+                        if scope.cancelled_caught:
+                            outcome = Outcome.TIMED_OUT
+                            _limited.log(
+                                logging.WARNING,
+                                ("timed out", self.subject),
+                                "handler for %r timed out after %s s",
+                                self.subject,
+                                timeout,
+                                extra=self._log_fields(),
+                            )
+                            return
                 finally:
-                    hb.cancel()
-                if scope.cancelled_caught:
-                    outcome = Outcome.TIMED_OUT
-                    _limited.log(
-                        logging.WARNING,
-                        ("timed out", self.subject),
-                        "handler for %r timed out after %s s",
-                        self.subject,
-                        timeout,
-                        extra=self._log_fields(),
-                    )
-                    return
+                    if heartbeat:
+                        del running[msg]
                 outcome = Outcome.PROCESSED
-                if policy is not AckPolicy.MANUAL:
-                    await self._settle(msg, b"+ACK")
             except Exception as exc:
                 outcome = Outcome.FAILED
                 _limited.log(
@@ -1228,25 +1362,38 @@ class JetStreamHandle:
                     exc_info=exc,
                     extra=self._log_fields(),
                 )
-                if policy is AckPolicy.NAK_ON_ERROR:
-                    delay = self._nak_delay
-                    await self._settle(
-                        msg,
-                        b"-NAK" if delay is None else b'-NAK {"delay": %d}' % int(delay * 1e9),
-                    )
-                elif policy is AckPolicy.TERM_ON_ERROR:
-                    await self._settle(msg, b"+TERM")
         finally:
-            if outcome in (Outcome.CANCELLED, Outcome.TIMED_OUT):
-                await self._settle(msg, b"-NAK")  # not processed: redeliver at once
-            subscriber._core.finished(
-                self._core,
-                outcome,
-                None if started is None else time.perf_counter() - started,
-            )
-            lot = subscriber._slot_freed
-            if lot:
-                lot.unpark_all()
+            if started is not None:
+                self._core.durations.record(time.perf_counter() - started)
+            payload = None
+            if not msg._acked:
+                if outcome is Outcome.PROCESSED:
+                    if policy is not AckPolicy.MANUAL:
+                        payload = b"+ACK"
+                elif outcome is Outcome.FAILED:
+                    if policy is AckPolicy.NAK_ON_ERROR:
+                        delay = self._nak_delay
+                        payload = (
+                            b"-NAK" if delay is None else b'-NAK {"delay": %d}' % int(delay * 1e9)
+                        )
+                    elif policy is AckPolicy.TERM_ON_ERROR:
+                        payload = b"+TERM"
+                else:  # cancelled or timed out: not processed, redeliver at once
+                    payload = b"-NAK"
+            if payload is None:
+                subscriber._core.finished(self._core, outcome)
+                lot = subscriber._slot_freed
+                if lot:
+                    lot.unpark_all()
+            else:
+                self._queue_ack(msg, payload, outcome)
+
+    def _queue_ack(self, msg: JsMsg, payload: bytes, outcome: Outcome) -> None:
+        """The acker sends it and frees the slot (no await: a cancel cannot lose it)."""
+        msg._acked = True
+        self._acks.append((msg, payload, outcome))
+        if self._acks_lot:
+            self._acks_lot.unpark()
 
 
 @final
@@ -1378,11 +1525,22 @@ class Subscriber:
         ``max_workers``) and no message sits in a buffer past ``ack_wait``. One pull
         request is outstanding at a time; it expires after ``expires`` seconds.
 
+        A request waits until half the slots it may use are free (or no handler of it
+        runs), so a busy consumer asks for full batches rather than one message per freed
+        slot.
+
         Each message is acknowledged according to ``ack_policy`` (see
         :class:`trionats.AckPolicy`); a handler that is cancelled or times out has its
-        message naked at once. While a handler runs, ``+WPI`` (in progress) is sent every
-        half ``ack_wait`` (``heartbeat=False`` turns that off), so a long handler keeps
-        its message; the heartbeats stop when the handler ends.
+        message naked at once. The final acks are sent by one task in batches (a cancel
+        never loses one); with ``confirm_acks=True`` each batch's last ack is a request
+        whose confirmation (the server processes a connection's acks in order) confirms
+        the whole batch, and the batch's slots are freed only then: ``num_ack_pending``
+        never exceeds ``max_workers``, at the cost of holding each slot one round trip
+        longer. ``confirm_acks=False`` frees a slot as soon as its ack is queued: a
+        little faster, with a slack of at most ``max_workers`` more messages pending on
+        the server. While a handler runs, ``+WPI`` (in progress) is sent every quarter to
+        half ``ack_wait`` (one task for all handlers; ``heartbeat=False`` turns that off),
+        so a long handler keeps its message; the heartbeats stop when the handler ends.
 
         Args:
             stream: the stream.
@@ -1395,8 +1553,8 @@ class Subscriber:
             nak_delay: seconds the server waits before redelivering a message naked by
                 ``NAK_ON_ERROR`` (None: at once, or per the consumer's backoff).
             heartbeat: send in-progress acks for long handlers.
-            confirm_acks: wait for the server to confirm each final ack before the
-                worker's slot is freed (see above).
+            confirm_acks: free a slot only once the server confirmed its final ack
+                (confirmed in batches, see above).
             expires: seconds a pull request waits on the server for messages.
             timeout: seconds for the start (consumer lookup, inbox subscription); None:
                 no deadline of its own.
