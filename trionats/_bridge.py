@@ -26,6 +26,7 @@ connection, by :func:`check_internals`, so an upgrade fails loudly, not silently
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import inspect
@@ -46,6 +47,7 @@ with warnings.catch_warnings():
     # a user running with -W error must not see our import fail.
     warnings.filterwarnings("ignore", "'AbstractChildWatcher'", DeprecationWarning)
     import trio_asyncio
+    import trio_asyncio._base
     import trio_asyncio._handles
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
@@ -110,16 +112,62 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 _LOOP_BATCH = 64
 
 
+@final
+class _Ready:
+    """The loop's handle queue, in place of trio-asyncio's memory channel.
+
+    Installed as the loop's ``_q_send``: ``call_soon`` and friends (through
+    ``_queue_handle``) and ``call_soon_threadsafe`` (through ``run_sync_soon``, in the Trio
+    thread) call :meth:`send_nowait`. A deque, plus the parked main loop woken directly:
+    cheaper than a channel, and an I/O task can run what a read queued itself (see
+    :func:`_io_task_inline`) without breaking the order, which a channel that hands an
+    item straight to its parked receiver would.
+    """
+
+    __slots__ = ("blocked", "handles", "inline", "waiter")
+
+    def __init__(self) -> None:
+        self.handles: collections.deque[Any] = collections.deque()
+        self.waiter: trio.lowlevel.Task | None = None  # the main loop, while parked
+        self.inline = False  # an I/O task runs what gets queued: do not wake the main loop
+        self.blocked = False  # the main loop waits for an AsyncHandle's task to start
+
+    def send_nowait(self, handle: Any) -> None:
+        self.handles.append(handle)
+        waiter = self.waiter
+        if waiter is not None and not self.inline:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+
+def _run_handle(obj: Any) -> None:
+    if not obj._cancelled:
+        previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+        try:
+            obj._run()
+        finally:
+            sniffio.thread_local.name = previous
+
+
 async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
     """trio-asyncio's ``_main_loop_one``, minus a Trio checkpoint per asyncio callback.
 
     The original awaits its handle channel (a full Trio scheduling round, inside a new
     cancel scope) for every callback: ~11 µs per callback instead of asyncio's 1.4 µs, and
     every hop of a read/flush chain waits for another scheduler batch. This version runs
-    whatever is already queued without yielding, up to ``_LOOP_BATCH`` handles, then does
-    one checkpoint; it waits (one checkpoint) only when the queue is empty, and opens a
-    cancel scope only when a timer bounds the wait. Same order, same semantics.
+    whatever is already queued (in :class:`_Ready`) without yielding, up to
+    ``_LOOP_BATCH`` handles, then does one checkpoint; it waits (parked, woken by the next
+    handle queued) only when the queue is empty, and opens a cancel scope only when a
+    timer bounds the wait. Same order, same semantics.
     """
+    ready: _Ready = self._trionats_ready
+    handles = ready.handles
     ran = 0
     while True:
         obj = None
@@ -129,37 +177,137 @@ async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
             if timeout <= 0:
                 obj = heapq.heappop(self._timers)
         if obj is None:
-            try:
-                obj = self._q_recv.receive_nowait()
-            except trio.WouldBlock:
+            if not handles:
                 if no_wait:
-                    raise
+                    raise trio.WouldBlock
                 if ran:
                     return  # let _main_loop check _stopped; we wait on the next call
+                ready.waiter = trio.lowlevel.current_task()
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    ready.waiter = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
                 if timeout == math.inf:
-                    obj = await self._q_recv.receive()
+                    await trio.lowlevel.wait_task_rescheduled(abort)
                 else:
                     with trio.move_on_after(timeout):
-                        obj = await self._q_recv.receive()
-                    if obj is None:
-                        return
+                        await trio.lowlevel.wait_task_rescheduled(abort)
+                return  # woken (or the timer is due): start over
+            obj = handles.popleft()
             if isinstance(obj, asyncio.TimerHandle):
                 heapq.heappush(self._timers, obj)
                 continue
         if isinstance(obj, trio_asyncio._handles.AsyncHandle):
             obj._context.run(self._nursery.start_soon, obj._run, name=obj._callback)
-            await obj._started.wait()
-            return
-        if not obj._cancelled:
-            previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+            ready.blocked = True
             try:
-                obj._run()
+                await obj._started.wait()
             finally:
-                sniffio.thread_local.name = previous
+                ready.blocked = False
+            return
+        _run_handle(obj)
         ran += 1
         if ran >= _LOOP_BATCH or no_wait:
             await trio.lowlevel.checkpoint()
             return
+
+
+def _run_ready_inline(loop: Any, ready: _Ready) -> bool:
+    """Run queued handles in the calling (I/O) task; True when the queue is now empty.
+
+    Stops at an AsyncHandle (the main loop starts its task), while the main loop waits
+    for one to start, and after ``_LOOP_BATCH`` handles. A TimerHandle goes to the
+    loop's timers (the main loop is woken to recompute its wait).
+    """
+    handles = ready.handles
+    ran = 0
+    while handles:
+        if ready.blocked or ran >= _LOOP_BATCH:
+            return False
+        obj = handles[0]
+        if isinstance(obj, trio_asyncio._handles.AsyncHandle):
+            return False
+        handles.popleft()
+        if isinstance(obj, asyncio.TimerHandle):
+            heapq.heappush(loop._timers, obj)
+            ready.wake()
+            continue
+        try:
+            _run_handle(obj)
+        except trio_asyncio._base.TrioAsyncioExit:
+            handles.appendleft(obj)  # loop.stop(): the main loop runs it again, and stops
+            return False
+        ran += 1
+    return True
+
+
+async def _io_task_inline(self: Any, fd: Any, handle: Any, wait_ready: Any) -> None:
+    """trio-asyncio's ``_io_task`` (one per reader/writer), minus two hops per read.
+
+    The original runs the reader callback (``_read_ready``: the bytes go to the stream
+    reader, which queues the read loop's wake-up), then ``await self.synchronize()``:
+    it queues an Event.set, waits for the main loop to run everything queued, then
+    waits for the fd again. That is a main-loop step and a second I/O-task step per
+    read before the read loop even parses the bytes. Here the I/O task runs what the
+    callback queued itself, in the same step (the read loop parses the message and hands
+    it to the waiting Trio task), and synchronizes with the main loop only when
+    something is left over. Same order: everything goes through the one queue.
+    """
+    ready: _Ready = self._trionats_ready
+    with handle._scope:
+        try:
+            while True:
+                if handle._cancelled:
+                    break
+                try:
+                    await wait_ready(fd)
+                except OSError:
+                    if handle._cancelled:
+                        break
+                    raise
+                if handle._cancelled:
+                    break
+                if ready.blocked:
+                    handle._run()
+                    await self.synchronize()
+                    continue
+                ready.inline = True
+                try:
+                    handle._run()
+                    drained = _run_ready_inline(self, ready)
+                finally:
+                    ready.inline = False
+                if not drained:
+                    await self.synchronize()
+        except Exception as exc:
+            handle._raise(exc)
+
+
+def _install_loop(loop: Any) -> None:
+    """Swap the batched main loop, the handle queue and the inline I/O task into ``loop``.
+
+    trio-asyncio looks ``_main_loop_one``, ``_q_send`` and ``_io_task`` up on the instance
+    each time. The main loop is parked in its original ``_main_loop_one`` (in the old
+    channel's ``receive``): a no-op handle sent there lets it return, and its next
+    iteration is ours.
+    """
+    ready = _Ready()
+    old_send, old_recv = loop._q_send, loop._q_recv
+    while True:  # anything already queued keeps its place
+        try:
+            ready.handles.append(old_recv.receive_nowait())
+        except trio.WouldBlock:
+            break
+    loop._trionats_ready = ready
+    loop._q_send = ready
+    loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
+    loop._io_task = types.MethodType(_io_task_inline, loop)
+    old_send.send_nowait(asyncio.Handle(_nothing, (), loop))
+
+
+def _nothing() -> None:
+    pass
 
 
 @asynccontextmanager
@@ -171,8 +319,7 @@ async def loop_scope() -> AsyncIterator[None]:
     try:
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(_exception_handler)
-            # Looked up on the instance at every iteration of the loop's _main_loop.
-            loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
+            _install_loop(loop)
             yield
     except BaseExceptionGroup as group:
         # open_loop's two nurseries wrap whatever the block raised: strip those two

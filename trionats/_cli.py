@@ -351,6 +351,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
             "pool",
             "subscriber",
             "subscriber_1ms",
+            "latency_request",
+            "latency_pubsub",
             "js_publish",
             "js_publish_async",
             "js_consume",
