@@ -20,7 +20,11 @@ connection, by :func:`check_internals`, so an upgrade fails loudly, not silently
   from the read loop, so a Trio object with that method receives them synchronously;
   ``Client._remove_sub`` and ``_send_unsubscribe`` end one;
 * trio-asyncio's loop: ``_main_loop_one``, ``_timers``, ``_q_recv``, ``_nursery``
-  (see :func:`_main_loop_one_batched`).
+  (see :func:`_main_loop_one_batched`); ``_q_send`` (what ``_queue_handle`` and
+  ``call_soon_threadsafe`` send handles to), ``_io_task`` (one per reader/writer, run
+  after ``_add_io_handler``), ``TrioAsyncioExit`` (see :func:`_install_loop`);
+* ``nats.aio.transport.TcpTransport._io_writer`` (an asyncio StreamWriter), for
+  :func:`write_now`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ with warnings.catch_warnings():
     import trio_asyncio._handles
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
+from nats.aio.transport import TcpTransport as _TcpTransport
 from nats.protocol.command import hpub_cmd as _hpub_cmd
 from nats.protocol.command import pub_cmd as _pub_cmd
 
@@ -77,10 +82,12 @@ __all__ = [
     "force_close",
     "install_msg_factory",
     "is_connecting",
+    "kick",
     "last_error",
     "loop_scope",
     "max_payload",
     "new_client",
+    "ready_queue",
     "run_aio",
     "send_ping",
     "send_unsub_nowait",
@@ -91,6 +98,7 @@ __all__ = [
     "try_append",
     "unsubscribe_nowait",
     "wait_future",
+    "write_now",
 ]
 
 log = logging.getLogger("trionats.bridge")
@@ -124,13 +132,17 @@ class _Ready:
     item straight to its parked receiver would.
     """
 
-    __slots__ = ("blocked", "handles", "inline", "waiter")
+    __slots__ = ("blocked", "direct_pass", "handles", "inline", "passes", "waiter")
 
     def __init__(self) -> None:
         self.handles: collections.deque[Any] = collections.deque()
         self.waiter: trio.lowlevel.Task | None = None  # the main loop, while parked
         self.inline = False  # an I/O task runs what gets queued: do not wake the main loop
         self.blocked = False  # the main loop waits for an AsyncHandle's task to start
+        # Passes over the queue (main loop batches, I/O task reads), and the pass of the
+        # last direct write (write_now): at most one direct write per pass.
+        self.passes = 0
+        self.direct_pass = -1
 
     def send_nowait(self, handle: Any) -> None:
         self.handles.append(handle)
@@ -168,6 +180,7 @@ async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
     """
     ready: _Ready = self._trionats_ready
     handles = ready.handles
+    ready.passes += 1
     ran = 0
     while True:
         obj = None
@@ -273,6 +286,7 @@ async def _io_task_inline(self: Any, fd: Any, handle: Any, wait_ready: Any) -> N
                     await self.synchronize()
                     continue
                 ready.inline = True
+                ready.passes += 1
                 try:
                     handle._run()
                     drained = _run_ready_inline(self, ready)
@@ -508,13 +522,17 @@ class _Kick:
 _KICK = _Kick()
 
 
-def try_append(client: NatsClient, subject: str, reply: str, payload: Any, hdr: Any) -> int:
+def try_append(
+    client: NatsClient, subject: str, reply: str, payload: Any, hdr: Any, wake: bool = True
+) -> int:
     """Append a PUB (HPUB when ``hdr`` is not None) to the outgoing buffer, synchronously.
 
     The same steps as nats-py's ``publish`` + ``_send_command``, minus the coroutine and
     minus its forced flush: the caller waits for the flusher *before* appending (see
     :data:`MUST_WAIT`), so a cancelled wait sent nothing. Kicks the flusher when its queue
-    is empty (once per batch). Returns one of the outcome constants above.
+    is empty (once per batch), unless ``wake`` is False: then the caller must
+    :func:`write_now` or :func:`kick` before it next yields. Returns one of the outcome
+    constants above.
     """
     status = client._status
     pending = client._pending_data_size
@@ -544,9 +562,56 @@ def try_append(client: NatsClient, subject: str, reply: str, payload: Any, hdr: 
     pending += len(cmd)
     client._pending_data_size = pending
     queue = client._flush_queue
-    if status == _CONNECTED and queue is not None and queue.empty():
+    if wake and status == _CONNECTED and queue is not None and queue.empty():
         queue.put_nowait(_KICK)  # type: ignore[arg-type]  # duck-typed: see _Kick
     return APPENDED_YIELD if pending >= YIELD_BYTES else APPENDED
+
+
+def kick(client: NatsClient) -> None:
+    """Wake the flusher, unless a kick is already queued (what ``try_append`` does)."""
+    queue = client._flush_queue
+    if client._status == _CONNECTED and queue is not None and queue.empty():
+        queue.put_nowait(_KICK)  # type: ignore[arg-type]  # duck-typed: see _Kick
+
+
+def ready_queue() -> _Ready | None:
+    """The handle queue of this task tree's loop: None on a loop :func:`loop_scope` did
+    not open (a user's own trio-asyncio loop), where :func:`write_now` never writes."""
+    return getattr(trio_asyncio.current_loop.get(), "_trionats_ready", None)
+
+
+def write_now(client: NatsClient, ready: _Ready | None) -> bool:
+    """Write the outgoing buffer to the socket from the calling task; False: not done.
+
+    For a task about to wait for the server (a request, a flush): the flusher would
+    write the buffer one Trio scheduling round later, in the main loop's next step; this
+    writes it before the task parks. Only when the socket is idle (the transport holds
+    nothing unsent: no backpressure to respect), connected over TCP/TLS, and at most once
+    per pass of the loop: a hundred requesters parking in one scheduling round write the
+    first request at once and leave the rest to the flusher, in one write. The order is
+    kept: the whole buffer goes, in order, and anything the flusher took before is
+    already in the transport ahead of it. When this returns False, :func:`kick` instead.
+    """
+    if (
+        ready is None
+        or ready.direct_pass == ready.passes
+        or client._status != _CONNECTED
+        or not client._pending_data_size
+        or type(client._transport) is not _TcpTransport
+    ):
+        return False
+    writer = client._transport._io_writer
+    if writer is None:
+        return False
+    transport = writer.transport
+    if transport.is_closing() or transport.get_write_buffer_size():
+        return False
+    pending = client._pending
+    client._pending = []
+    client._pending_data_size = 0
+    ready.direct_pass = ready.passes
+    writer.write(pending[0] if len(pending) == 1 else b"".join(pending))
+    return True
 
 
 def encode_headers(headers: dict[str, str]) -> bytes:
@@ -596,19 +661,21 @@ def flushed(client: NatsClient) -> asyncio.Future[Any]:
     return future
 
 
-def send_ping(client: NatsClient) -> asyncio.Future[Any]:
+def send_ping(client: NatsClient, ready: _Ready | None = None) -> asyncio.Future[Any]:
     """Queue a PING behind everything already buffered; the future completes on its PONG.
 
     Not nats-py's ``_send_ping``: that writes the PING straight to the socket, ahead of
     publishes still in the outgoing buffer, so its PONG can come back before the server
-    has seen them and a flush would return too early.
+    has seen them and a flush would return too early. The buffer, PING included, is
+    written at once when :func:`write_now` can, else by the flusher.
     """
     loop = trio_asyncio.current_loop.get()
     future: asyncio.Future[Any] = loop.create_future()
     client._pongs.append(future)
     client._pending.append(PING_PROTO)
     client._pending_data_size += len(PING_PROTO)
-    flushed(client)
+    if not write_now(client, ready):
+        flushed(client)
     return future
 
 
@@ -780,6 +847,7 @@ def check_internals() -> None:
 
         import nats.aio.client
         import nats.aio.subscription
+        import nats.aio.transport
         import nats.protocol.command
         import trio_asyncio._base
 
@@ -886,6 +954,37 @@ def check_internals() -> None:
             "BaseTrioEventLoop._main_loop_one",
             getattr(loop_cls, "_main_loop_one", None),
             "_timers _q_recv _nursery AsyncHandle _started _context _run _callback",
+        )
+        # _install_loop: handles are queued through _q_send (our _Ready), readers and
+        # writers run in _io_task, looked up on the loop when they are added.
+        import trio_asyncio._async
+
+        uses(
+            "TrioEventLoop._queue_handle",
+            getattr(getattr(trio_asyncio._async, "TrioEventLoop", None), "_queue_handle", None),
+            "_q_send send_nowait",
+        )
+        uses(
+            "BaseTrioEventLoop.call_soon_threadsafe",
+            getattr(loop_cls, "call_soon_threadsafe", None),
+            "_q_send send_nowait",
+        )
+        uses(
+            "BaseTrioEventLoop._add_io_handler",
+            getattr(loop_cls, "_add_io_handler", None),
+            "_nursery start_soon _io_task",
+        )
+        uses(
+            "BaseTrioEventLoop._io_task",
+            getattr(loop_cls, "_io_task", None),
+            "_scope _cancelled _run synchronize _raise",
+        )
+        has("trio_asyncio._base", trio_asyncio._base, "TrioAsyncioExit")
+        # write_now: the TCP/TLS transport writes through its asyncio StreamWriter.
+        uses(
+            "TcpTransport.write",
+            getattr(getattr(nats.aio.transport, "TcpTransport", None), "write", None),
+            "_io_writer write",
         )
         if missing:
 

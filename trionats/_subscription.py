@@ -153,6 +153,12 @@ class Subscription:
     async def _wait(self) -> None:
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already receiving from this subscription")
+        conn = self._conn
+        client = conn._client
+        if client._pending_data_size:
+            # About to park, with something of ours still buffered (a reply just sent):
+            # write it now rather than one scheduling round later, in the flusher.
+            conn._bridge.write_now(client, conn._ready)
         self._waiter = current_task()
 
         def abort(_: Any) -> Abort:
