@@ -15,9 +15,10 @@ figure is then taken over the same stretches of time:
   before the next;
 * ``request100``: 100 concurrent requesters (each block: 100 x block/100 requests).
 
-Sides: ``raw`` (nats-py on plain asyncio), ``trionats`` (this source tree) and, with
-``--against DIR``, ``other`` (trionats from another source tree, e.g. an older commit
-extracted with ``git archive``). Prints, per side, p50/p99/mean over all samples, the
+Sides: ``raw`` (nats-py on plain asyncio), ``trionats`` (this source tree) and, for each
+``--against DIR``, trionats from that source tree (e.g. an older commit extracted with
+``git archive``), named after the directory. Prints, per side, p10/p50/p99/mean over all samples (on a loaded machine p10 shows
+the cost of an undisturbed round trip), the
 process CPU time per operation (both connections and the responder: what the hops cost,
 much less sensitive to the machine's load than latency) and the per-round ratio to raw
 (median, min..max over rounds).
@@ -227,12 +228,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def interleaved(
-    url: str, scenarios: list[str], rounds: int, block: int, size: int, against: str | None
+    url: str, scenarios: list[str], rounds: int, block: int, size: int, against: list[str]
 ) -> dict[str, Any]:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sides: dict[str, str | None] = {"raw": None, "trionats": here}
-    if against is not None:
-        sides["other"] = os.path.abspath(against)
+    for tree in against:
+        sides[os.path.basename(os.path.abspath(tree))] = os.path.abspath(tree)
     report: dict[str, Any] = {}
     for scenario in scenarios:
         children = {side: _spawn(side, tree, scenario, url, size) for side, tree in sides.items()}
@@ -255,17 +256,18 @@ def interleaved(
         for side in sides:
             every = [x for blk in samples[side] for x in blk]
             row = {
+                "p10_ms": 1e3 * _pct(every, 0.1),
                 "p50_ms": 1e3 * _pct(every, 0.5),
                 "p99_ms": 1e3 * _pct(every, 0.99),
                 "mean_ms": 1e3 * statistics.fmean(every),
                 "cpu_us_per_op": 1e6 * cpu[side] / len(every),
             }
             line = (
-                f"  {side:9} p50 {row['p50_ms']:.3f}  p99 {row['p99_ms']:.3f}  "
+                f"  {side:10} p10 {row['p10_ms']:.3f}  p50 {row['p50_ms']:.3f}  p99 {row['p99_ms']:.3f}  "
                 f"mean {row['mean_ms']:.3f} ms  cpu {row['cpu_us_per_op']:.0f} us/op"
             )
             if side != "raw":
-                for q, name in ((0.5, "p50"), (0.99, "p99")):
+                for q, name in ((0.1, "p10"), (0.5, "p50"), (0.99, "p99")):
                     ratios = [
                         _pct(ours, q) / _pct(raw, q)
                         for ours, raw in zip(samples[side], samples["raw"], strict=True)
@@ -388,7 +390,7 @@ async def _with_server(args: argparse.Namespace) -> None:
             args.rounds,
             args.block,
             args.size,
-            args.against,
+            args.against or [],
         )
         if args.json:
             with open(args.json, "w") as f:  # noqa: ASYNC230 - once, at the end
@@ -405,7 +407,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds (default: 20)")
     parser.add_argument("--block", type=int, default=250, help="ops per turn (default: 250)")
     parser.add_argument("--size", type=int, default=128, help="payload bytes (default: 128)")
-    parser.add_argument("--against", help="a second trionats source tree to compare")
+    parser.add_argument(
+        "--against",
+        action="append",
+        help="another trionats source tree to compare (repeat for several; the column "
+        "is named after its directory)",
+    )
     parser.add_argument(
         "--scenario", action="append", choices=SCENARIOS, help="repeat (default: all)"
     )
