@@ -17,11 +17,10 @@ figure is then taken over the same stretches of time:
 
 Sides: ``raw`` (nats-py on plain asyncio), ``trionats`` (this source tree) and, for each
 ``--against DIR``, trionats from that source tree (e.g. an older commit extracted with
-``git archive``), named after the directory. Prints, per side, p10/p50/p99/mean over all samples (on a loaded machine p10 shows
-the cost of an undisturbed round trip), the
-process CPU time per operation (both connections and the responder: what the hops cost,
-much less sensitive to the machine's load than latency) and the per-round ratio to raw
-(median, min..max over rounds).
+``git archive``), named after the directory. Prints, per side, p10/p50/p99/mean over all
+samples (on a loaded machine p10 shows the cost of an undisturbed round trip), the
+process CPU time per operation (both connections and the responder: what the hops
+cost) and the per-round ratio to raw (median, min..max over rounds).
 
 ``--profile``: trionats only, in this process: counts per round trip the Trio task steps
 (per task), the bridge loop's asyncio callbacks (per callback) and the main-loop
@@ -263,8 +262,9 @@ def interleaved(
                 "cpu_us_per_op": 1e6 * cpu[side] / len(every),
             }
             line = (
-                f"  {side:10} p10 {row['p10_ms']:.3f}  p50 {row['p50_ms']:.3f}  p99 {row['p99_ms']:.3f}  "
-                f"mean {row['mean_ms']:.3f} ms  cpu {row['cpu_us_per_op']:.0f} us/op"
+                f"  {side:10} p10 {row['p10_ms']:.3f}  p50 {row['p50_ms']:.3f}  "
+                f"p99 {row['p99_ms']:.3f}  mean {row['mean_ms']:.3f} ms  "
+                f"cpu {row['cpu_us_per_op']:.0f} us/op"
             )
             if side != "raw":
                 for q, name in ((0.1, "p10"), (0.5, "p50"), (0.99, "p99")):

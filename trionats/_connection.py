@@ -320,6 +320,13 @@ class Connection:
         self._since_yield = 0
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def _write_pending(self) -> None:
+        """A task is about to wait for the server: write the buffer now if it can
+        (``write_now``: the socket is idle, once per loop pass); else the flusher will."""
+        client = self._client
+        if client._pending_data_size:
+            self._bridge.write_now(client, self._ready)
+
     async def _publish_slow(
         self, outcome: int, subject: str, data: Any, reply: str, hdr: bytes | None
     ) -> None:
