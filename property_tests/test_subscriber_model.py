@@ -60,6 +60,7 @@ class FakeConn:
         self.subs: list[Subscription] = []
         self.published: list[tuple[str, bytes, dict[str, str] | None]] = []
         self.last_error: Exception | None = None
+        self._tracer = None  # OpenTelemetry off
 
     def _emit(self, event: Any) -> None:
         self.events.append(event)

@@ -100,6 +100,8 @@ def test_bench_quick_json(tmp_path: Path) -> None:
         "pool_shared",
         "subscriber",
         "subscriber_1ms",
+        "latency_request",
+        "latency_pubsub",
     }
     for scenario, row in report["summary"].items():
         assert row["raw_rate"] > 0, scenario
@@ -107,6 +109,9 @@ def test_bench_quick_json(tmp_path: Path) -> None:
         assert 0 < row["ratio"] < 100, scenario
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
     assert report["summary"]["request"]["trionats_p99_ms"] > 0
+    for latency in ("latency_request", "latency_pubsub"):  # p50/p99 on both sides
+        assert report["summary"][latency]["raw_p99_ms"] > 0
+        assert report["summary"][latency]["trionats_p50_ms"] > 0
     assert report["summary"]["pubsub"]["trionats_dropped"] == 0
     assert 0.5 <= report["summary"]["pool"]["trionats_reuse_rate"] <= 1
     assert report["summary"]["pool"]["trionats_borrow_p99_ms"] > 0

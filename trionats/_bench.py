@@ -17,6 +17,7 @@ SIGKILL leaves no benchmark child behind (the embedded server has its own guard,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -62,10 +63,15 @@ SCENARIOS = (
     "pool_shared",
     "subscriber",
     "subscriber_1ms",
+    "latency_request",
+    "latency_pubsub",
 )
 #: Connections in the pool scenario, on both sides: trionats' pool is capped at this many,
 #: the raw side opens as many nats-py connections and lends each to one task at a time.
 POOL_SIZE = 32
+#: One operation at a time (no concurrency): the figures that matter are p50 and p99.
+LATENCY_SCENARIOS = ("latency_request", "latency_pubsub")
+LATENCY_WARMUP = 200
 #: Opt-in (``--scenario js_publish`` ...), not in the default run: they need a server with
 #: JetStream and file storage, and a synchronous JetStream publish is slow.
 JS_SCENARIOS = ("js_publish", "js_publish_async", "js_consume")
@@ -92,7 +98,8 @@ class BenchConfig:
     ``count`` is the number of messages for publish, pubsub and subscriber; request,
     pool and pool_shared run ``count // 5`` (at least ``concurrency``), subscriber_1ms
     ``count // 20`` (between 100 and 5,000), js_publish ``count // 10`` (at least 100),
-    js_publish_async and js_consume ``count // 4`` (at least 256): see :meth:`count_for`.
+    js_publish_async and js_consume ``count // 4`` (at least 256), the latency scenarios
+    ``count // 20`` (between 100 and 5,000): see :meth:`count_for`.
     """
 
     count: int = 100_000
@@ -112,7 +119,7 @@ class BenchConfig:
         """The number of messages (or requests) one run of ``scenario`` handles."""
         if scenario in ("request", "pool", "pool_shared"):
             return max(self.concurrency, self.count // 5)
-        if scenario == "subscriber_1ms":
+        if scenario in ("subscriber_1ms", *LATENCY_SCENARIOS):
             return max(100, min(self.count // 20, 5000))
         if scenario == "js_publish":
             return max(100, self.count // 10)
@@ -149,6 +156,8 @@ def raw_scenario(
 
     import nats
 
+    if scenario in LATENCY_SCENARIOS:
+        return asyncio.run(_raw_latency(scenario, url, count, size))
     payload = b"x" * size
 
     async def subscribed(subc: Any, pub: Any) -> None:
@@ -446,6 +455,66 @@ def _asyncio_run(coro: Coroutine[Any, Any, dict[str, Any]], loop: str) -> dict[s
     return asyncio.run(coro)
 
 
+async def _raw_latency(scenario: str, url: str, count: int, size: int) -> dict[str, Any]:
+    """Raw nats-py, one operation at a time: sequential requests, or publish + flush +
+    wait for the subscriber's callback before the next publish."""
+    import asyncio
+
+    import nats
+    import nats.errors
+
+    payload = b"x" * size
+    first = await nats.connect(url)
+    nc = await nats.connect(url)
+    latencies: list[float] = []
+    perf = time.perf_counter
+    async with asyncio.timeout(300):
+        if scenario == "latency_request":
+
+            async def respond(msg: Any) -> None:
+                await msg.respond(msg.data)
+
+            await first.subscribe("bench.lreq", cb=respond)
+            await first.flush()
+            while True:  # until the server routes to the responder
+                try:
+                    await nc.request("bench.lreq", payload, timeout=0.5)
+                    break
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    await asyncio.sleep(0.01)
+            for i in range(LATENCY_WARMUP + count):
+                t = perf()
+                await nc.request("bench.lreq", payload, timeout=10)
+                if i >= LATENCY_WARMUP:
+                    latencies.append(perf() - t)
+        else:
+            got = asyncio.Event()
+
+            async def on_msg(msg: Any) -> None:
+                got.set()
+
+            await first.subscribe("bench.lps", cb=on_msg)
+            await first.flush()
+            while not got.is_set():  # until the server routes to the subscriber
+                await nc.publish("bench.lps", payload)
+                await nc.flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(got.wait(), 0.05)
+            await asyncio.sleep(0.1)  # let stray probes arrive
+            for i in range(LATENCY_WARMUP + count):
+                got.clear()
+                t = perf()
+                await nc.publish("bench.lps", payload)
+                await nc.flush()
+                await got.wait()
+                if i >= LATENCY_WARMUP:
+                    latencies.append(perf() - t)
+    total = sum(latencies)
+    await nc.close()
+    await first.close()
+    return _latency_figures(len(latencies) / total, latencies)
+
+
 # ---------------------------------------------------------------------- trionats --
 async def trionats_scenario(
     scenario: str, url: str, count: int, size: int, concurrency: int
@@ -455,6 +524,8 @@ async def trionats_scenario(
 
     from ._connect import open_connection
 
+    if scenario in LATENCY_SCENARIOS:
+        return await _trionats_latency(scenario, url, count, size)
     payload = b"x" * size
 
     if scenario == "publish":
@@ -556,6 +627,55 @@ async def trionats_scenario(
         dt = time.perf_counter() - t0
         nursery.cancel_scope.cancel()
         return _latency_figures(len(latencies) / dt, latencies)
+
+
+async def _trionats_latency(scenario: str, url: str, count: int, size: int) -> dict[str, Any]:
+    """trionats, one operation at a time (the same workload as :func:`_raw_latency`)."""
+    import trio
+
+    from ._connect import open_connection
+    from ._errors import NoRespondersError
+    from ._errors import TimeoutError as NatsTimeoutError
+
+    payload = b"x" * size
+    latencies: list[float] = []
+    perf = time.perf_counter
+    subject = "bench.lreq" if scenario == "latency_request" else "bench.lps"
+    with trio.fail_after(300):
+        async with (
+            open_connection(url) as first,
+            open_connection(url) as nc,
+            first.subscribe(subject) as sub,
+            trio.open_nursery() as nursery,
+        ):
+            if scenario == "latency_request":
+
+                async def respond() -> None:
+                    async for msg in sub:
+                        await msg.respond(msg.data)
+
+                nursery.start_soon(respond)
+                while True:  # the subscribe block waited for the server: at most a retry
+                    try:
+                        await nc.request(subject, payload, timeout=0.5)
+                        break
+                    except (NoRespondersError, NatsTimeoutError):
+                        await trio.sleep(0.01)
+                for i in range(LATENCY_WARMUP + count):
+                    t = perf()
+                    await nc.request(subject, payload, timeout=10)
+                    if i >= LATENCY_WARMUP:
+                        latencies.append(perf() - t)
+            else:
+                for i in range(LATENCY_WARMUP + count):
+                    t = perf()
+                    await nc.publish(subject, payload)
+                    await nc.flush()
+                    await sub.next_msg()
+                    if i >= LATENCY_WARMUP:
+                        latencies.append(perf() - t)
+            nursery.cancel_scope.cancel()
+    return _latency_figures(len(latencies) / sum(latencies), latencies)
 
 
 async def _trionats_pool(

@@ -20,12 +20,17 @@ connection, by :func:`check_internals`, so an upgrade fails loudly, not silently
   from the read loop, so a Trio object with that method receives them synchronously;
   ``Client._remove_sub`` and ``_send_unsubscribe`` end one;
 * trio-asyncio's loop: ``_main_loop_one``, ``_timers``, ``_q_recv``, ``_nursery``
-  (see :func:`_main_loop_one_batched`).
+  (see :func:`_main_loop_one_batched`); ``_q_send`` (what ``_queue_handle`` and
+  ``call_soon_threadsafe`` send handles to), ``_io_task`` (one per reader/writer, run
+  after ``_add_io_handler``), ``TrioAsyncioExit`` (see :func:`_install_loop`);
+* ``nats.aio.transport.TcpTransport._io_writer`` (an asyncio StreamWriter), for
+  :func:`write_now`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import inspect
@@ -46,9 +51,11 @@ with warnings.catch_warnings():
     # a user running with -W error must not see our import fail.
     warnings.filterwarnings("ignore", "'AbstractChildWatcher'", DeprecationWarning)
     import trio_asyncio
+    import trio_asyncio._base
     import trio_asyncio._handles
 from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
+from nats.aio.transport import TcpTransport as _TcpTransport
 from nats.protocol.command import hpub_cmd as _hpub_cmd
 from nats.protocol.command import pub_cmd as _pub_cmd
 
@@ -76,10 +83,12 @@ __all__ = [
     "force_close",
     "install_msg_factory",
     "is_connecting",
+    "kick",
     "last_error",
     "loop_scope",
     "max_payload",
     "new_client",
+    "ready_queue",
     "run_aio",
     "send_ping",
     "send_unsub_nowait",
@@ -90,6 +99,7 @@ __all__ = [
     "try_append",
     "unsubscribe_nowait",
     "wait_future",
+    "write_now",
 ]
 
 log = logging.getLogger("trionats.bridge")
@@ -111,16 +121,67 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 _LOOP_BATCH = 64
 
 
+@final
+class _Ready:
+    """The loop's handle queue, in place of trio-asyncio's memory channel.
+
+    Installed as the loop's ``_q_send``: ``call_soon`` and friends (through
+    ``_queue_handle``) and ``call_soon_threadsafe`` (through ``run_sync_soon``, in the Trio
+    thread) call :meth:`send_nowait`. A deque, plus the parked main loop woken directly:
+    cheaper than a channel, and an I/O task can run what a read queued itself (see
+    :func:`_io_task_inline`) without breaking the order, which a channel that hands an
+    item straight to its parked receiver would.
+    """
+
+    __slots__ = ("blocked", "direct_pass", "handles", "inline", "passes", "waiter")
+
+    def __init__(self) -> None:
+        self.handles: collections.deque[Any] = collections.deque()
+        self.waiter: trio.lowlevel.Task | None = None  # the main loop, while parked
+        self.inline = False  # an I/O task runs what gets queued: do not wake the main loop
+        self.blocked = False  # the main loop waits for an AsyncHandle's task to start
+        # Passes over the queue (main loop batches, I/O task reads), and the pass of the
+        # last direct write (write_now): at most one direct write per pass.
+        self.passes = 0
+        self.direct_pass = -1
+
+    def send_nowait(self, handle: Any) -> None:
+        self.handles.append(handle)
+        waiter = self.waiter
+        if waiter is not None and not self.inline:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+
+def _run_handle(obj: Any) -> None:
+    if not obj._cancelled:
+        previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+        try:
+            obj._run()
+        finally:
+            sniffio.thread_local.name = previous
+
+
 async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
     """trio-asyncio's ``_main_loop_one``, minus a Trio checkpoint per asyncio callback.
 
     The original awaits its handle channel (a full Trio scheduling round, inside a new
     cancel scope) for every callback: ~11 µs per callback instead of asyncio's 1.4 µs, and
     every hop of a read/flush chain waits for another scheduler batch. This version runs
-    whatever is already queued without yielding, up to ``_LOOP_BATCH`` handles, then does
-    one checkpoint; it waits (one checkpoint) only when the queue is empty, and opens a
-    cancel scope only when a timer bounds the wait. Same order, same semantics.
+    whatever is already queued (in :class:`_Ready`) without yielding, up to
+    ``_LOOP_BATCH`` handles, then does one checkpoint; it waits (parked, woken by the next
+    handle queued) only when the queue is empty, and opens a cancel scope only when a
+    timer bounds the wait. Same order, same semantics.
     """
+    ready: _Ready = self._trionats_ready
+    handles = ready.handles
+    ready.passes += 1
     ran = 0
     while True:
         obj = None
@@ -130,37 +191,138 @@ async def _main_loop_one_batched(self: Any, no_wait: bool = False) -> None:
             if timeout <= 0:
                 obj = heapq.heappop(self._timers)
         if obj is None:
-            try:
-                obj = self._q_recv.receive_nowait()
-            except trio.WouldBlock:
+            if not handles:
                 if no_wait:
-                    raise
+                    raise trio.WouldBlock
                 if ran:
                     return  # let _main_loop check _stopped; we wait on the next call
+                ready.waiter = trio.lowlevel.current_task()
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    ready.waiter = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
                 if timeout == math.inf:
-                    obj = await self._q_recv.receive()
+                    await trio.lowlevel.wait_task_rescheduled(abort)
                 else:
                     with trio.move_on_after(timeout):
-                        obj = await self._q_recv.receive()
-                    if obj is None:
-                        return
+                        await trio.lowlevel.wait_task_rescheduled(abort)
+                return  # woken (or the timer is due): start over
+            obj = handles.popleft()
             if isinstance(obj, asyncio.TimerHandle):
                 heapq.heappush(self._timers, obj)
                 continue
         if isinstance(obj, trio_asyncio._handles.AsyncHandle):
             obj._context.run(self._nursery.start_soon, obj._run, name=obj._callback)
-            await obj._started.wait()
-            return
-        if not obj._cancelled:
-            previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+            ready.blocked = True
             try:
-                obj._run()
+                await obj._started.wait()
             finally:
-                sniffio.thread_local.name = previous
+                ready.blocked = False
+            return
+        _run_handle(obj)
         ran += 1
         if ran >= _LOOP_BATCH or no_wait:
             await trio.lowlevel.checkpoint()
             return
+
+
+def _run_ready_inline(loop: Any, ready: _Ready) -> bool:
+    """Run queued handles in the calling (I/O) task; True when the queue is now empty.
+
+    Stops at an AsyncHandle (the main loop starts its task), while the main loop waits
+    for one to start, and after ``_LOOP_BATCH`` handles. A TimerHandle goes to the
+    loop's timers (the main loop is woken to recompute its wait).
+    """
+    handles = ready.handles
+    ran = 0
+    while handles:
+        if ready.blocked or ran >= _LOOP_BATCH:
+            return False
+        obj = handles[0]
+        if isinstance(obj, trio_asyncio._handles.AsyncHandle):
+            return False
+        handles.popleft()
+        if isinstance(obj, asyncio.TimerHandle):
+            heapq.heappush(loop._timers, obj)
+            ready.wake()
+            continue
+        try:
+            _run_handle(obj)
+        except trio_asyncio._base.TrioAsyncioExit:
+            handles.appendleft(obj)  # loop.stop(): the main loop runs it again, and stops
+            return False
+        ran += 1
+    return True
+
+
+async def _io_task_inline(self: Any, fd: Any, handle: Any, wait_ready: Any) -> None:
+    """trio-asyncio's ``_io_task`` (one per reader/writer), minus two hops per read.
+
+    The original runs the reader callback (``_read_ready``: the bytes go to the stream
+    reader, which queues the read loop's wake-up), then ``await self.synchronize()``:
+    it queues an Event.set, waits for the main loop to run everything queued, then
+    waits for the fd again. That is a main-loop step and a second I/O-task step per
+    read before the read loop even parses the bytes. Here the I/O task runs what the
+    callback queued itself, in the same step (the read loop parses the message and hands
+    it to the waiting Trio task), and synchronizes with the main loop only when
+    something is left over. Same order: everything goes through the one queue.
+    """
+    ready: _Ready = self._trionats_ready
+    with handle._scope:
+        try:
+            while True:
+                if handle._cancelled:
+                    break
+                try:
+                    await wait_ready(fd)
+                except OSError:
+                    if handle._cancelled:
+                        break
+                    raise
+                if handle._cancelled:
+                    break
+                if ready.blocked:
+                    handle._run()
+                    await self.synchronize()
+                    continue
+                ready.inline = True
+                ready.passes += 1
+                try:
+                    handle._run()
+                    drained = _run_ready_inline(self, ready)
+                finally:
+                    ready.inline = False
+                if not drained:
+                    await self.synchronize()
+        except Exception as exc:
+            handle._raise(exc)
+
+
+def _install_loop(loop: Any) -> None:
+    """Swap the batched main loop, the handle queue and the inline I/O task into ``loop``.
+
+    trio-asyncio looks ``_main_loop_one``, ``_q_send`` and ``_io_task`` up on the instance
+    each time. The main loop is parked in its original ``_main_loop_one`` (in the old
+    channel's ``receive``): a no-op handle sent there lets it return, and its next
+    iteration is ours.
+    """
+    ready = _Ready()
+    old_send, old_recv = loop._q_send, loop._q_recv
+    while True:  # anything already queued keeps its place
+        try:
+            ready.handles.append(old_recv.receive_nowait())
+        except trio.WouldBlock:
+            break
+    loop._trionats_ready = ready
+    loop._q_send = ready
+    loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
+    loop._io_task = types.MethodType(_io_task_inline, loop)
+    old_send.send_nowait(asyncio.Handle(_nothing, (), loop))
+
+
+def _nothing() -> None:
+    pass
 
 
 @asynccontextmanager
@@ -172,8 +334,7 @@ async def loop_scope() -> AsyncIterator[None]:
     try:
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(_exception_handler)
-            # Looked up on the instance at every iteration of the loop's _main_loop.
-            loop._main_loop_one = types.MethodType(_main_loop_one_batched, loop)
+            _install_loop(loop)
             yield
     except BaseExceptionGroup as group:
         # open_loop's two nurseries wrap whatever the block raised: strip those two
@@ -362,13 +523,17 @@ class _Kick:
 _KICK = _Kick()
 
 
-def try_append(client: NatsClient, subject: str, reply: str, payload: Any, hdr: Any) -> int:
+def try_append(
+    client: NatsClient, subject: str, reply: str, payload: Any, hdr: Any, wake: bool = True
+) -> int:
     """Append a PUB (HPUB when ``hdr`` is not None) to the outgoing buffer, synchronously.
 
     The same steps as nats-py's ``publish`` + ``_send_command``, minus the coroutine and
     minus its forced flush: the caller waits for the flusher *before* appending (see
     :data:`MUST_WAIT`), so a cancelled wait sent nothing. Kicks the flusher when its queue
-    is empty (once per batch). Returns one of the outcome constants above.
+    is empty (once per batch), unless ``wake`` is False: then the caller must
+    :func:`write_now` or :func:`kick` before it next yields. Returns one of the outcome
+    constants above.
     """
     status = client._status
     pending = client._pending_data_size
@@ -398,9 +563,56 @@ def try_append(client: NatsClient, subject: str, reply: str, payload: Any, hdr: 
     pending += len(cmd)
     client._pending_data_size = pending
     queue = client._flush_queue
-    if status == _CONNECTED and queue is not None and queue.empty():
+    if wake and status == _CONNECTED and queue is not None and queue.empty():
         queue.put_nowait(_KICK)  # type: ignore[arg-type]  # duck-typed: see _Kick
     return APPENDED_YIELD if pending >= YIELD_BYTES else APPENDED
+
+
+def kick(client: NatsClient) -> None:
+    """Wake the flusher, unless a kick is already queued (what ``try_append`` does)."""
+    queue = client._flush_queue
+    if client._status == _CONNECTED and queue is not None and queue.empty():
+        queue.put_nowait(_KICK)  # type: ignore[arg-type]  # duck-typed: see _Kick
+
+
+def ready_queue() -> _Ready | None:
+    """The handle queue of this task tree's loop: None on a loop :func:`loop_scope` did
+    not open (a user's own trio-asyncio loop), where :func:`write_now` never writes."""
+    return getattr(trio_asyncio.current_loop.get(), "_trionats_ready", None)
+
+
+def write_now(client: NatsClient, ready: _Ready | None) -> bool:
+    """Write the outgoing buffer to the socket from the calling task; False: not done.
+
+    For a task about to wait for the server (a request, a flush): the flusher would
+    write the buffer one Trio scheduling round later, in the main loop's next step; this
+    writes it before the task parks. Only when the socket is idle (the transport holds
+    nothing unsent: no backpressure to respect), connected over TCP/TLS, and at most once
+    per pass of the loop: a hundred requesters parking in one scheduling round write the
+    first request at once and leave the rest to the flusher, in one write. The order is
+    kept: the whole buffer goes, in order, and anything the flusher took before is
+    already in the transport ahead of it. When this returns False, :func:`kick` instead.
+    """
+    if (
+        ready is None
+        or ready.direct_pass == ready.passes
+        or client._status != _CONNECTED
+        or not client._pending_data_size
+        or type(client._transport) is not _TcpTransport
+    ):
+        return False
+    writer = client._transport._io_writer
+    if writer is None:
+        return False
+    transport = writer.transport
+    if transport.is_closing() or transport.get_write_buffer_size():
+        return False
+    pending = client._pending
+    client._pending = []
+    client._pending_data_size = 0
+    ready.direct_pass = ready.passes
+    writer.write(pending[0] if len(pending) == 1 else b"".join(pending))
+    return True
 
 
 def encode_headers(headers: dict[str, str]) -> bytes:
@@ -450,19 +662,21 @@ def flushed(client: NatsClient) -> asyncio.Future[Any]:
     return future
 
 
-def send_ping(client: NatsClient) -> asyncio.Future[Any]:
+def send_ping(client: NatsClient, ready: _Ready | None = None) -> asyncio.Future[Any]:
     """Queue a PING behind everything already buffered; the future completes on its PONG.
 
     Not nats-py's ``_send_ping``: that writes the PING straight to the socket, ahead of
     publishes still in the outgoing buffer, so its PONG can come back before the server
-    has seen them and a flush would return too early.
+    has seen them and a flush would return too early. The buffer, PING included, is
+    written at once when :func:`write_now` can, else by the flusher.
     """
     loop = trio_asyncio.current_loop.get()
     future: asyncio.Future[Any] = loop.create_future()
     client._pongs.append(future)
     client._pending.append(PING_PROTO)
     client._pending_data_size += len(PING_PROTO)
-    flushed(client)
+    if not write_now(client, ready):
+        flushed(client)
     return future
 
 
@@ -640,6 +854,7 @@ def check_internals() -> None:
 
         import nats.aio.client
         import nats.aio.subscription
+        import nats.aio.transport
         import nats.protocol.command
         import trio_asyncio._base
 
@@ -746,6 +961,37 @@ def check_internals() -> None:
             "BaseTrioEventLoop._main_loop_one",
             getattr(loop_cls, "_main_loop_one", None),
             "_timers _q_recv _nursery AsyncHandle _started _context _run _callback",
+        )
+        # _install_loop: handles are queued through _q_send (our _Ready), readers and
+        # writers run in _io_task, looked up on the loop when they are added.
+        import trio_asyncio._async
+
+        uses(
+            "TrioEventLoop._queue_handle",
+            getattr(getattr(trio_asyncio._async, "TrioEventLoop", None), "_queue_handle", None),
+            "_q_send send_nowait",
+        )
+        uses(
+            "BaseTrioEventLoop.call_soon_threadsafe",
+            getattr(loop_cls, "call_soon_threadsafe", None),
+            "_q_send send_nowait",
+        )
+        uses(
+            "BaseTrioEventLoop._add_io_handler",
+            getattr(loop_cls, "_add_io_handler", None),
+            "_nursery start_soon _io_task",
+        )
+        uses(
+            "BaseTrioEventLoop._io_task",
+            getattr(loop_cls, "_io_task", None),
+            "_scope _cancelled _run synchronize _raise",
+        )
+        has("trio_asyncio._base", trio_asyncio._base, "TrioAsyncioExit")
+        # write_now: the TCP/TLS transport writes through its asyncio StreamWriter.
+        uses(
+            "TcpTransport.write",
+            getattr(getattr(nats.aio.transport, "TcpTransport", None), "write", None),
+            "_io_writer write",
         )
         if missing:
 

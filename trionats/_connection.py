@@ -164,6 +164,7 @@ class Connection:
         bridge = _bridge()
         self._bridge = bridge  # bound once: _bridge() runs an import statement
         self._try_append = bridge.try_append
+        self._ready = bridge.ready_queue()  # for write_now: None on a user's own loop
         self.name = name
         self._servers = servers
         self._close_timeout = close_timeout
@@ -346,13 +347,22 @@ class Connection:
         await self._publish(subject, data, reply or "", headers)
 
     async def _publish(
-        self, subject: str, data: Any, reply: str, headers: dict[str, str] | None
+        self,
+        subject: str,
+        data: Any,
+        reply: str,
+        headers: dict[str, str] | None,
+        wake: bool = True,
     ) -> None:
-        """Queue a validated message; the caller has checked for cancellation already."""
+        """Queue a validated message; the caller has checked for cancellation already.
+
+        With ``wake`` False the flusher is not kicked: the caller writes the buffer
+        (``write_now``) or kicks the flusher itself right after this returns.
+        """
         if self._closed:
             raise self._closed_error()
         hdr = None if headers is None else self._bridge.encode_headers(headers)
-        outcome = self._try_append(self._client, subject, reply, data, hdr)
+        outcome = self._try_append(self._client, subject, reply, data, hdr, wake)
         if outcome == 0:  # APPENDED: the hot path
             self._since_yield += 1
             if self._since_yield < YIELD_EVERY:
@@ -361,6 +371,13 @@ class Connection:
             await self._publish_slow(outcome, subject, data, reply, hdr)
         self._since_yield = 0
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _write_pending(self) -> None:
+        """A task is about to wait for the server: write the buffer now if it can
+        (``write_now``: the socket is idle, once per loop pass); else the flusher will."""
+        client = self._client
+        if client._pending_data_size:
+            self._bridge.write_now(client, self._ready)
 
     async def _publish_slow(
         self, outcome: int, subject: str, data: Any, reply: str, hdr: bytes | None
@@ -454,7 +471,11 @@ class Connection:
         timer = router.timer
         timed = False
         try:
-            await self._publish(subject, data, router.prefix + token, headers)
+            await self._publish(subject, data, router.prefix + token, headers, False)
+            # About to wait for the server: write the request now rather than wake the
+            # flusher (one scheduling round later), when the socket is idle.
+            if not self._bridge.write_now(self._client, self._ready):
+                self._bridge.kick(self._client)
             if pending.msg is None and pending.error is None:
                 pending.task = current_task()
                 if timeout is not None:
@@ -622,7 +643,7 @@ class Connection:
                 raise self._closed_error()
             raise _errors.ConnectionClosedError("not connected (the connection is reconnecting)")
         bridge = self._bridge
-        future = bridge.send_ping(self._client)
+        future = bridge.send_ping(self._client, self._ready)
         self._pings.add(future)
         try:
             await bridge.wait_future(future)

@@ -12,6 +12,8 @@ from . import _errors
 from ._events import ConnectionEvent, EventKind
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._connection import Connection
     from ._msg import Msg
 
@@ -55,6 +57,7 @@ class Subscription:
         self._finished_event: trio.Event | None = None
         self._is_finished = False
         self._nats_sub: Any = None
+        self._write_pending: Callable[[], object] | None = getattr(conn, "_write_pending", None)
         self.delivered = 0
         self.dropped = 0
 
@@ -153,6 +156,10 @@ class Subscription:
     async def _wait(self) -> None:
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already receiving from this subscription")
+        if self._write_pending is not None:
+            # About to park: what the connection still buffers (a reply just sent) is
+            # written now rather than one scheduling round later, by the flusher.
+            self._write_pending()
         self._waiter = current_task()
 
         def abort(_: Any) -> Abort:
