@@ -39,9 +39,9 @@ _NBUCKETS = (_MAX_EXPONENT + 1) * SUB_BUCKETS
 
 def _index(micros: float) -> int:
     """The bucket of a value in microseconds."""
-    mantissa, exponent = math.frexp(micros)
-    if exponent <= 0:  # under 1 µs, or not positive
+    if not micros >= 1.0:  # under 1 µs, negative, or NaN
         return 0
+    mantissa, exponent = math.frexp(micros)
     if exponent > _MAX_EXPONENT:
         return _NBUCKETS - 1
     return exponent * SUB_BUCKETS + int((mantissa - 0.5) * (2 * SUB_BUCKETS))
@@ -132,21 +132,39 @@ EMPTY = LatencySnapshot(count=0, sum=0.0, max=0.0, p50=0.0, p90=0.0, p99=0.0, bu
 class Histogram:
     """A log-linear latency histogram (see the module's docstring for the error bound)."""
 
-    __slots__ = ("_counts", "count", "max", "sum")
+    # Values recorded in seconds and in nanoseconds keep separate sums and maxima (an int
+    # addition and comparison are the cheapest updates for the latter); the count is the
+    # buckets' total. All three are read only when a snapshot is taken.
+    __slots__ = ("_counts", "_max", "_max_ns", "_sum", "_sum_ns")
 
     def __init__(self) -> None:
         self._counts = [0] * _NBUCKETS
-        self.count = 0
-        self.sum = 0.0
-        self.max = 0.0
+        self._sum = 0.0
+        self._max = 0.0
+        self._sum_ns = 0
+        self._max_ns = 0
+
+    @property
+    def count(self) -> int:
+        """Values recorded."""
+        return sum(self._counts)
+
+    @property
+    def sum(self) -> float:
+        """Their total, in seconds."""
+        return self._sum + self._sum_ns * 1e-9
+
+    @property
+    def max(self) -> float:
+        """The largest value recorded, in seconds (0.0 when none was positive)."""
+        return max(self._max, self._max_ns * 1e-9)
 
     def record(self, seconds: float) -> None:
         """Add one duration (seconds; negative values count as 0)."""
         self._counts[_index(seconds * 1e6)] += 1
-        self.count += 1
-        self.sum += seconds
-        if seconds > self.max:
-            self.max = seconds
+        self._sum += seconds
+        if seconds > self._max:
+            self._max = seconds
 
     def record_ns(self, ns: int) -> None:
         """Add one duration given in integer nanoseconds (``time.perf_counter_ns()``
@@ -156,11 +174,9 @@ class Histogram:
             self._counts[_TABLE[steps]] += 1
         else:
             self._counts[_index(ns / 1000)] += 1
-        seconds = ns * 1e-9
-        self.count += 1
-        self.sum += seconds
-        if seconds > self.max:
-            self.max = seconds
+        self._sum_ns += ns
+        if ns > self._max_ns:
+            self._max_ns = ns
 
     def merge(self, other: Histogram) -> None:
         """Add every value ``other`` recorded."""
@@ -168,9 +184,10 @@ class Histogram:
         for i, n in enumerate(other._counts):
             if n:
                 counts[i] += n
-        self.count += other.count
-        self.sum += other.sum
-        self.max = max(self.max, other.max)
+        self._sum += other._sum
+        self._sum_ns += other._sum_ns
+        self._max = max(self._max, other._max)
+        self._max_ns = max(self._max_ns, other._max_ns)
 
     def snapshot(self) -> LatencySnapshot:
         """A frozen copy with the quantiles computed."""
