@@ -2,11 +2,15 @@
 
 ``open_subscriber(nc)`` owns a nursery. Each ``await subscriber.start(subject, handler)``
 subscribes and runs persistent worker tasks for that subscription, started lazily, at most
-``min(handle max_workers, subscriber max_workers)`` (a task per message measured 17 µs/msg;
-persistent workers cost ~4–5 µs over a bare loop). A worker takes a message only when a
-slot is free (no over-fetch); one idle worker always watches the subscription, or the
-shared "slot freed" parking lot when every slot is taken, so no message waits while a slot
-is free. Messages that the handlers cannot keep up with wait in the subscription's own
+``min(handle max_workers, subscriber max_workers)`` (a task per message measured 17 µs/msg).
+A worker takes a message only when a slot is free (no over-fetch); one idle worker always
+watches the subscription, or the shared "slot freed" parking lot when every slot is taken,
+so no message waits while a slot is free. Without a ``handler_timeout`` the handler runs
+inline in the worker's loop, and a burst wakes one helper, not one worker per message (a
+handler that never blocks is done before the helper runs; the helper wakes the rest only
+if it finds the buffer untouched): a no-op handler costs about what a bare
+``async for msg in sub`` loop does (benchmarks/bench_subscriber.py). Messages that the
+handlers cannot keep up with wait in the subscription's own
 bounded buffer (``pending_msgs`` / ``pending_bytes``); beyond that the connection drops and
 counts them and emits one SLOW_CONSUMER event per transition into the dropping state.
 
@@ -564,6 +568,7 @@ class SubscriptionHandle:
         # are free to take a message without being woken. Whoever wakes an idle worker
         # counts it awake at once, so it is not woken twice.
         self._awake = 0
+        self._watching_sub = False  # a worker waits on (or was just woken by) the subscription
         self._wake_run = trio.Event()  # stop requested, or the subscription ended
         self._stop_deadline = math.inf
         self._done = trio.Event()
@@ -726,9 +731,9 @@ class SubscriptionHandle:
         assert workers is not None
         assert sub is not None
         for _ in range(min(n, self._limit - self._n_workers)):
-            self._n_workers += 1
-            self._awake += 1
             workers.start_soon(self._worker, sub, name=self._task_name)
+            self._n_workers += 1
+            self._awake += 1  # counted from now: it runs soon, free to take
 
     def _wake_idle(self, n: int) -> int:
         """Wake up to ``n`` idle workers (most recently parked first); returns how many."""
@@ -758,6 +763,8 @@ class SubscriptionHandle:
         case) finishes before the helper runs, and this worker takes the next message
         itself, so a burst costs one wake-up, not one per message.
         """
+        if self._watching_sub and not sub.has_waiter:
+            return  # the subscription's watcher was woken by a message: it is on its way
         if free_left > 0:
             pending = sub.pending
             if pending:
@@ -880,10 +887,12 @@ class SubscriptionHandle:
                     return
                 elif not sub.has_waiter:
                     self._awake -= 1
+                    self._watching_sub = True
                     try:
                         await sub.wait_nonempty()
                     finally:
                         self._awake += 1
+                        self._watching_sub = False
                     fresh = False
                 else:
                     await self._park_idle()
