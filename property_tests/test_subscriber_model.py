@@ -254,7 +254,7 @@ TestSubscriberAccounting.settings = settings(
 
 
 ACTIONS = st.sampled_from(
-    ["publish", "publish", "publish", "release", "fail", "tick", "stop", "start"]
+    ["publish", "publish", "publish", "burst", "release", "fail", "tick", "stop", "start"]
 )
 
 
@@ -294,6 +294,8 @@ async def test_real_subscriber_against_fake_connection(
         running += 1
         peak = max(peak, running)
         try:
+            if msg.data == b"now":  # returns without blocking (the inline fast path's case)
+                return b"ok"
             gate = trio.Event()
             gates.append(gate)
             await gate.wait()
@@ -313,7 +315,13 @@ async def test_real_subscriber_against_fake_connection(
             live = [h for h in handles if not h.stopped]
             if action == "publish" and live:
                 h = data.draw(st.sampled_from(live))
-                conn.deliver(h.subject, b"m", reply=data.draw(st.sampled_from(["", "r"])))
+                body = data.draw(st.sampled_from([b"m", b"m", b"now"]))
+                conn.deliver(h.subject, body, reply=data.draw(st.sampled_from(["", "r"])))
+            elif action == "burst" and live:
+                # several messages in one read: some block, some return at once
+                h = data.draw(st.sampled_from(live))
+                for body in data.draw(st.lists(st.sampled_from([b"m", b"now"]), max_size=6)):
+                    conn.deliver(h.subject, body)
             elif action in ("release", "fail") and gates:
                 fail_next.append(action == "fail")
                 gates.pop(data.draw(st.integers(0, len(gates) - 1))).set()
@@ -336,7 +344,10 @@ async def test_real_subscriber_against_fake_connection(
                 assert s.active == 0
             elif action == "start":
                 n_subjects += 1
-                handles.append(await subscriber.start(f"s{n_subjects}", handler))
+                own_limit = data.draw(st.integers(1, max_workers))
+                handles.append(
+                    await subscriber.start(f"s{n_subjects}", handler, max_workers=own_limit)
+                )
             await trio.testing.wait_all_tasks_blocked()
             assert peak <= max_workers
             total = subscriber.stats()
@@ -344,9 +355,12 @@ async def test_real_subscriber_against_fake_connection(
                 hs = h.stats()
                 check_invariant(hs)
                 # Work-conserving: once everything settled, a message waits only when
-                # every worker slot is busy.
+                # every worker slot is busy (the subscriber's, or the handle's own).
                 if hs.pending and not h.stopped:
-                    assert total.in_flight == max_workers, (hs, total)
+                    assert total.in_flight == max_workers or hs.in_flight == h.max_workers, (
+                        hs,
+                        total,
+                    )
             check_invariant(total)
             assert total.in_flight == running
             assert total.active == len([h for h in handles if not h.stopped])

@@ -59,6 +59,48 @@ def test_merging_equals_recording_everything_in_one(a: list[float], b: list[floa
     assert ha.snapshot().buckets == both.snapshot().buckets
 
 
+@given(
+    st.lists(st.integers(min_value=0, max_value=10**14), min_size=1, max_size=300),
+    st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+)
+def test_record_ns_is_within_the_stated_bound(values: list[int], q: float) -> None:
+    h = Histogram()
+    for v in values:
+        h.record_ns(v)
+    snap = h.snapshot()
+    exact = _exact(values, q) * 1e-9
+    got = snap.quantile(q)
+    assert got >= exact or math.isclose(got, exact)
+    assert got <= max(exact * (1 + 1 / 16), 1e-6) * (1 + 1e-9)
+    assert snap.count == len(values)
+    assert snap.max == max(values) * 1e-9
+    assert math.isclose(snap.sum, sum(values) * 1e-9, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_record_ns_table_puts_every_value_in_the_bucket_record_does() -> None:
+    # Below 256 µs record_ns looks the bucket up in a table; it must agree with the
+    # computed bucket for every nanosecond value.
+    table, computed = Histogram(), Histogram()
+    for ns in range(256_000):
+        table.record_ns(ns)
+        computed.record(ns / 1e9)
+    assert table.snapshot().buckets == computed.snapshot().buckets
+
+
+def test_seconds_and_nanoseconds_mix_and_merge() -> None:
+    a, b = Histogram(), Histogram()
+    a.record(0.5)
+    a.record_ns(2_000_000_000)
+    b.record_ns(-5)  # a clock that went backwards counts as 0
+    b.record(-1.0)
+    a.merge(b)
+    snap = a.snapshot()
+    assert snap.count == 4
+    assert snap.max == 2.0
+    assert math.isclose(snap.sum, 1.5 - 5e-9)
+    assert snap.buckets[0] == (1e-6, 2)  # the two negative values, under 1 µs
+
+
 def test_an_empty_histogram_reads_zero_and_rejects_bad_quantiles() -> None:
     snap = Histogram().snapshot()
     assert (snap.count, snap.p50, snap.p99, snap.max, snap.mean) == (0, 0.0, 0.0, 0.0, 0.0)

@@ -338,15 +338,17 @@ def raw_scenario(
             "bench.sub", cb=handler, pending_msgs_limit=2 * count, pending_bytes_limit=1 << 30
         )
         await subscribed(subc, pub)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         for _ in range(count):
             await pub.publish("bench.sub", payload)
         await pub.flush()
         await asyncio.wait_for(done.wait(), 300)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
         await pub.close()
         await subc.close()
-        return {"rate": count / dt}
+        # cpu_us: CPU time of publisher and subscriber together per message (both run in
+        # this thread), steadier than the rate on a busy machine
+        return {"rate": count / dt, "cpu_us": cpu / count * 1e6}
 
     async def js_publish(batched: bool) -> dict[str, Any]:
         # sync: await each PubAck; batched: publish_async, gathered every JS_BATCH
@@ -778,14 +780,18 @@ async def _trionats_subscriber(
         open_subscriber(subc, config) as subscriber,
     ):
         await subscriber.start("bench.sub", handler)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         for _ in range(count):
             await pub.publish("bench.sub", payload)
         await pub.flush()
         with trio.fail_after(300):
             await done.wait()
-        dt = time.perf_counter() - t0
-        return {"rate": count / dt, "dropped": subscriber.stats().dropped}
+        dt, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        return {
+            "rate": count / dt,
+            "cpu_us": cpu / count * 1e6,  # as on the raw side
+            "dropped": subscriber.stats().dropped,
+        }
 
 
 async def _trionats_js_publish(

@@ -2,11 +2,15 @@
 
 ``open_subscriber(nc)`` owns a nursery. Each ``await subscriber.start(subject, handler)``
 subscribes and runs persistent worker tasks for that subscription, started lazily, at most
-``min(handle max_workers, subscriber max_workers)`` (a task per message measured 17 µs/msg;
-persistent workers cost ~4–5 µs over a bare loop). A worker takes a message only when a
-slot is free (no over-fetch); one idle worker always watches the subscription, or the
-shared "slot freed" parking lot when every slot is taken, so no message waits while a slot
-is free. Messages that the handlers cannot keep up with wait in the subscription's own
+``min(handle max_workers, subscriber max_workers)`` (a task per message measured 17 µs/msg).
+A worker takes a message only when a slot is free (no over-fetch); one idle worker always
+watches the subscription, or the shared "slot freed" parking lot when every slot is taken,
+so no message waits while a slot is free. Without a ``handler_timeout`` the handler runs
+inline in the worker's loop, and a burst wakes one helper, not one worker per message (a
+handler that never blocks is done before the helper runs; the helper wakes the rest only
+if it finds the buffer untouched): a no-op handler costs about what a bare
+``async for msg in sub`` loop does (benchmarks/bench_subscriber.py). Messages that the
+handlers cannot keep up with wait in the subscription's own
 bounded buffer (``pending_msgs`` / ``pending_bytes``); beyond that the connection drops and
 counts them and emits one SLOW_CONSUMER event per transition into the dropping state.
 
@@ -53,7 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, final
 
 import trio
-from trio.lowlevel import ParkingLot
+from trio.lowlevel import Abort, ParkingLot, current_task, reschedule, wait_task_rescheduled
 
 from . import _errors
 from ._jetstream import AckPolicy, JetStream, JsMsg, PullSubscription, _check_name
@@ -566,10 +570,16 @@ class SubscriptionHandle:
         self._workers: trio.Nursery | None = None
         self._n_workers = 0
         self._limit = min(max_workers, subscriber._config.max_workers)
-        # Idle workers park here; one more waits on the subscription, or (when no slot is
-        # free) on the subscriber's slot_freed lot, so a message never waits unwatched.
-        self._idle = ParkingLot()
+        # Idle workers park here (a stack: the most recently parked, warmest, wakes first);
+        # one more waits on the subscription, or (when no slot is free) on the subscriber's
+        # slot_freed lot, so a message never waits unwatched.
+        self._idle: list[trio.lowlevel.Task] = []
         self._slot_watchers = 0
+        # Workers not parked (running, runnable, or in a handler): ``_awake - in_flight``
+        # are free to take a message without being woken. Whoever wakes an idle worker
+        # counts it awake at once, so it is not woken twice.
+        self._awake = 0
+        self._watching_sub = False  # a worker waits on (or was just woken by) the subscription
         self._wake_run = trio.Event()  # stop requested, or the subscription ended
         self._stop_deadline = math.inf
         self._done = trio.Event()
@@ -664,7 +674,7 @@ class SubscriptionHandle:
             frames: list[FrameType] = [frame for frame, _ in task.iter_await_frames()]
             where = ""
             for i, frame in enumerate(frames[:-1]):
-                if frame.f_code is _HANDLE_ONE_CODE:
+                if frame.f_code in _RUNS_HANDLERS:
                     inner = frames[i + 1]
                     where = (
                         f" in {inner.f_code.co_qualname} "
@@ -715,7 +725,7 @@ class SubscriptionHandle:
                     # waiting on it: nothing more arrives.
                     sub_core.stopping(self._core)
                     self._discard_buffered()
-                    self._idle.unpark_all()
+                    self._wake_idle(len(self._idle))
                     self._subscriber._slot_freed.unpark_all()
                 # The nursery now waits for in-flight handlers, until the stop deadline.
         except BaseExceptionGroup as group:
@@ -735,15 +745,61 @@ class SubscriptionHandle:
         assert workers is not None
         assert sub is not None
         for _ in range(min(n, self._limit - self._n_workers)):
-            self._n_workers += 1
             workers.start_soon(self._worker, sub, name=self._task_name)
+            self._n_workers += 1
+            self._awake += 1  # counted from now: it runs soon, free to take
+
+    def _wake_idle(self, n: int) -> int:
+        """Wake up to ``n`` idle workers (most recently parked first); returns how many."""
+        idle = self._idle
+        woken = 0
+        while woken < n and idle:
+            reschedule(idle.pop())
+            woken += 1
+        self._awake += woken
+        return woken
 
     def _recruit(self, n: int) -> None:
         """Get ``n`` more workers going: wake idle ones, start new ones up to the limit."""
         if n > 0:
-            woken = len(self._idle.unpark(count=n))
+            woken = self._wake_idle(n)
             if woken < n:
                 self._spawn(n - woken)
+
+    def _recruit_after_take(self, sub: Subscription, free_left: int, fresh: bool) -> None:
+        """A worker took a message and no other worker is free and awake: make sure the
+        rest of the buffer (or the next message, or the next free slot) is watched.
+
+        ``free_left``: slots still free. ``fresh``: this worker was just woken (or started)
+        to help, and found messages nobody took: the workers before it are blocked in
+        their handlers, so wake one per buffered message (up to the free slots) at once.
+        Otherwise wake a single helper: a handler that never blocks (the common fast
+        case) finishes before the helper runs, and this worker takes the next message
+        itself, so a burst costs one wake-up, not one per message.
+        """
+        if self._watching_sub and not sub.has_waiter:
+            return  # the subscription's watcher was woken by a message: it is on its way
+        if free_left > 0:
+            pending = sub.pending
+            if pending:
+                self._recruit(min(pending, free_left) if fresh else 1)
+            elif not sub.has_waiter:
+                self._recruit(1)  # to wait on the subscription
+        elif not sub.has_waiter and not self._slot_watchers:
+            self._recruit(1)  # to wait for a free slot (another handle may free one)
+
+    async def _park_idle(self) -> None:
+        """Park until :meth:`_wake_idle` (which counts this worker awake again)."""
+        task = current_task()
+        self._idle.append(task)
+        self._awake -= 1
+
+        def abort(_: object) -> Abort:
+            self._idle.remove(task)
+            self._awake += 1
+            return Abort.SUCCEEDED
+
+        await wait_task_rescheduled(abort)
 
     async def _worker(self, sub: Subscription) -> None:
         """Take a message only when a worker slot is free, handle it, repeat.
@@ -752,47 +808,141 @@ class SubscriptionHandle:
         subscriber)``) and live until the subscription stops, so a busy subscription pays
         no task spawn or dispatcher hop per message. One idle worker watches (waits on
         the subscription, or for a free slot when all are taken); the others park until a
-        worker that takes a message recruits them.
+        worker that takes a message recruits them (see :meth:`_recruit_after_take`).
+
+        Without a ``handler_timeout`` the handler runs inline here (the fast path: no
+        coroutine, cancel scope or method call of ours per message beyond the handler
+        and the histogram); otherwise through :meth:`_handle_one`. Both count exactly
+        the same outcomes.
         """
-        sub_core = self._subscriber._core
+        subscriber = self._subscriber
+        sub_core = subscriber._core
         core = self._core
-        slot_freed = self._subscriber._slot_freed
+        config = subscriber._config
+        slot_freed = subscriber._slot_freed
+        handler = self._handler
+        buffer = sub._buffer
+        take = sub._take
+        running = _State.RUNNING
+        inline = config.handler_timeout is None
+        durations = core.durations if config.metrics else None
+        clock = time.perf_counter_ns
+        fresh = True  # started or woken to help, and has not taken a message since
         since_yield = 0
-        while True:
-            if core.state is not _State.RUNNING:
-                return
-            free = sub_core.free_slots(core)
-            if free > 0 and sub.pending:
-                sub_core.taken(core)
-                msg = sub.take_nowait()
-                # Slots left: get a worker going per buffered message, plus one to wait on
-                # the subscription if nobody does.
-                watched = sub.has_waiter or self._slot_watchers > 0
-                self._recruit(min(sub.pending, free - 1) + (0 if watched else 1))
-                await self._handle_one(msg)
-                since_yield += 1
-                if since_yield >= _YIELD_EVERY:  # a no-op handler never yields by itself
-                    since_yield = 0
-                    await trio.lowlevel.checkpoint()
-                continue
-            since_yield = 0
-            if free <= 0:
-                if not sub.has_waiter and not self._slot_watchers:
-                    # Watch for a free slot on behalf of this subscription.
-                    self._slot_watchers += 1
+        try:
+            while True:
+                if core.state is not running:
+                    return
+                # == sub_core.free_slots(core), inlined
+                free = sub_core.max_workers - sub_core.in_flight - sub_core.reserved
+                own = core.max_workers - core.in_flight - core.reserved
+                if own < free:
+                    free = own
+                if free > 0 and buffer:
+                    msg = take()
+                    # == sub_core.taken(core), inlined (free > 0 was checked above)
+                    core.in_flight += 1
+                    sub_core.in_flight += 1
+                    if self._awake == core.in_flight and (
+                        self._idle or self._n_workers < self._limit
+                    ):
+                        self._recruit_after_take(sub, free - 1, fresh)
+                    fresh = False
+                    if inline:
+                        started = clock() if durations is not None else 0
+                        try:
+                            result = await handler(msg)
+                            if result is not None and msg.reply:
+                                await msg.respond(result)
+                        except Exception as exc:
+                            await self._failed(msg, exc, None if durations is None else started)
+                        except BaseException:
+                            self._finish(Outcome.CANCELLED, None if durations is None else started)
+                            raise
+                        else:
+                            # == sub_core.finished(core, PROCESSED, ...), inlined
+                            if durations is not None:
+                                durations.record_ns(clock() - started)
+                            core.in_flight -= 1
+                            sub_core.in_flight -= 1
+                            core.processed += 1
+                            # Only a subscriber that was full can have waiters this finish
+                            # helps: one parked on another handle's own limit (or on ours:
+                            # this worker takes the next message itself) gains nothing.
+                            if (
+                                sub_core.max_workers - sub_core.in_flight - sub_core.reserved <= 1
+                                and slot_freed
+                            ):
+                                slot_freed.unpark_all()
+                    else:
+                        await self._handle_one(msg)
+                    since_yield += 1
+                    if since_yield >= _YIELD_EVERY:  # a no-op handler never yields by itself
+                        since_yield = 0
+                        await trio.lowlevel.checkpoint()
+                    continue
+                since_yield = 0
+                if free <= 0:
+                    if not sub.has_waiter and not self._slot_watchers:
+                        # Watch for a free slot on behalf of this subscription.
+                        self._slot_watchers += 1
+                        self._awake -= 1
+                        try:
+                            await slot_freed.park()
+                        finally:
+                            self._slot_watchers -= 1
+                            self._awake += 1
+                        fresh = False
+                    else:
+                        await self._park_idle()
+                        fresh = True
+                elif sub.ended:
+                    self._wake_run.set()
+                    return
+                elif not sub.has_waiter:
+                    self._awake -= 1
+                    self._watching_sub = True
                     try:
-                        await slot_freed.park()
+                        await sub.wait_nonempty()
                     finally:
-                        self._slot_watchers -= 1
+                        self._awake += 1
+                        self._watching_sub = False
+                    fresh = False
                 else:
-                    await self._idle.park()
-            elif sub.ended:
-                self._wake_run.set()
-                return
-            elif not sub.has_waiter:
-                await sub.wait_nonempty()
-            else:
-                await self._idle.park()
+                    await self._park_idle()
+                    fresh = True
+        finally:
+            self._awake -= 1
+
+    def _finish(self, outcome: Outcome, started: int | None) -> None:
+        """Count a handler run of the fast path that did not simply return."""
+        subscriber = self._subscriber
+        subscriber._core.finished(
+            self._core,
+            outcome,
+            None if started is None else (time.perf_counter_ns() - started) * 1e-9,
+        )
+        lot = subscriber._slot_freed
+        if lot:
+            lot.unpark_all()
+
+    async def _failed(self, msg: Msg, exc: Exception, started: int | None) -> None:
+        """The fast path's handler raised ``exc``: log, send the error reply, count."""
+        try:
+            _limited.log(
+                logging.ERROR,
+                ("failed", self.subject, type(exc)),
+                "handler for %r failed on message %r: %r",
+                self.subject,
+                msg.subject,
+                exc,
+                exc_info=exc,
+                extra=self._log_fields(),
+            )
+            if msg.reply:
+                await self._reply_error(msg, "500", _header_text(exc))
+        finally:
+            self._finish(Outcome.FAILED, started)
 
     async def _handle_one(self, msg: Msg) -> None:
         subscriber = self._subscriber
@@ -873,7 +1023,8 @@ class SubscriptionHandle:
         return isinstance(key, tuple) and key[1] == self.subject
 
 
-_HANDLE_ONE_CODE = SubscriptionHandle._handle_one.__code__
+_RUNS_HANDLERS = (SubscriptionHandle._handle_one.__code__, SubscriptionHandle._worker.__code__)
+"""The frames whose next frame is the handler (the fast path runs it in ``_worker``)."""
 
 
 class _JsCounts:
