@@ -18,7 +18,7 @@ from trionats._errors import (
     LeaseExpiredError,
     PoolClosedError,
 )
-from trionats._pool import SHARED_YIELD_EVERY, LeasedConnection, open_pool
+from trionats._pool import BORROW_YIELD_EVERY, LeasedConnection, open_pool
 from trionats._pool_core import CloseReason, DialTicket, Lease, PoolCore, Waiter
 from trionats._server import NatsServer
 
@@ -171,7 +171,7 @@ async def test_shared_borrow_schedule_point_every_n(
     async with open_pool(PoolConfig(servers=[URL]), dial=net.dial) as pool:
         async with pool.borrow(shared=True):
             with trio.testing.assert_checkpoints():  # at least one full yield in N
-                for _ in range(SHARED_YIELD_EVERY):
+                for _ in range(BORROW_YIELD_EVERY):
                     async with pool.borrow(shared=True):
                         pass
             with trio.CancelScope() as scope:

@@ -175,9 +175,9 @@ def _describe(holder: Any) -> tuple[str, str]:
 
 _LEASE_ENDED = "this connection's lease has ended (borrow block exited)"
 
-SHARED_YIELD_EVERY = 64
-"""Shared borrows served at once (no wait) between two full yields to the scheduler;
-each one still checks for cancellation."""
+BORROW_YIELD_EVERY = 64
+"""Borrows served at once (an idle connection, or a shared lease; no wait) between two
+full yields to the scheduler; each one still checks for cancellation."""
 
 
 class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @final class
@@ -364,12 +364,12 @@ class Borrow(Generic[C]):
                 lease = await pool._acquire(self._timeout, self._holder, True)
             else:
                 # The multiplexed hot path: a cancel point on every call (above), a
-                # schedule point every SHARED_YIELD_EVERY calls, as publish does.
+                # schedule point every BORROW_YIELD_EVERY calls, as publish does.
                 hk = pool._hk_scope
                 if hk is not None and core.wake_at < hk.deadline:
                     hk.deadline = core.wake_at
                 pool._since_yield += 1
-                if pool._since_yield >= SHARED_YIELD_EVERY:
+                if pool._since_yield >= BORROW_YIELD_EVERY:
                     pool._since_yield = 0
                     await cancel_shielded_checkpoint()
         else:
@@ -459,7 +459,7 @@ class Pool(Generic[C]):
         # Each borrow block runs in a cancel scope only when the pool may cancel it.
         self._cancellable_leases = config.leak_action == "cancel"
         self._all_back: trio.Event | None = None
-        self._since_yield = 0  # shared borrows served without a schedule point
+        self._since_yield = 0  # borrows served at once since the last schedule point
 
     @property
     def config(self) -> PoolConfig:
@@ -539,13 +539,14 @@ class Pool(Generic[C]):
         result = core.request(now, holder, shared=shared)
         self._drain()
         if type(result) is Lease:
-            if shared:
-                # The multiplexed hot path: a cancel point on every call (above), a
-                # schedule point every SHARED_YIELD_EVERY calls, as publish does.
-                self._since_yield += 1
-                if self._since_yield < SHARED_YIELD_EVERY:
-                    return result
-                self._since_yield = 0
+            # Served at once (an idle hit, or a shared lease): a cancel point on every call
+            # (above), a schedule point every BORROW_YIELD_EVERY calls, as publish does, so
+            # a task that borrows, publishes and returns in a loop is not switched out
+            # (and its connection's writes batched) at every borrow.
+            self._since_yield += 1
+            if self._since_yield < BORROW_YIELD_EVERY:
+                return result
+            self._since_yield = 0
             await cancel_shielded_checkpoint()
             return result
         last_error: BaseException | None = None
