@@ -926,19 +926,24 @@ class SubscriptionHandle:
         if lot:
             lot.unpark_all()
 
+    def _log_failed(self, msg: Msg, exc: Exception) -> None:
+        """A handler raised: logged at ERROR, rate-limited per subscription and exception
+        type (the first records keep their traceback)."""
+        _limited.log(
+            logging.ERROR,
+            ("failed", self.subject, type(exc)),
+            "handler for %r failed on message %r: %r",
+            self.subject,
+            msg.subject,
+            exc,
+            exc_info=exc,
+            extra=self._log_fields(),
+        )
+
     async def _failed(self, msg: Msg, exc: Exception, started: int | None) -> None:
         """The fast path's handler raised ``exc``: log, send the error reply, count."""
         try:
-            _limited.log(
-                logging.ERROR,
-                ("failed", self.subject, type(exc)),
-                "handler for %r failed on message %r: %r",
-                self.subject,
-                msg.subject,
-                exc,
-                exc_info=exc,
-                extra=self._log_fields(),
-            )
+            self._log_failed(msg, exc)
             if msg.reply:
                 await self._reply_error(msg, "500", _header_text(exc))
         finally:
@@ -978,16 +983,7 @@ class SubscriptionHandle:
                 outcome = Outcome.PROCESSED
             except Exception as exc:
                 outcome = Outcome.FAILED
-                _limited.log(
-                    logging.ERROR,
-                    ("failed", self.subject, type(exc)),
-                    "handler for %r failed on message %r: %r",
-                    self.subject,
-                    msg.subject,
-                    exc,
-                    exc_info=exc,
-                    extra=self._log_fields(),
-                )
+                self._log_failed(msg, exc)
                 if msg.reply:
                     await self._reply_error(msg, "500", _header_text(exc))
         finally:
