@@ -921,7 +921,8 @@ class ResourceManager:
         self.published = 0
         """Snapshots published on ``publish_on``."""
         self.publish_errors = 0
-        """Snapshots that could not be published (the connection was closed...)."""
+        """Snapshots that could not be published (the connection was closed, the snapshot
+        was over the server's max_payload...)."""
 
     # -- configuration ------------------------------------------------------------------
     @property
@@ -1230,7 +1231,7 @@ class ResourceManager:
 
         try:
             await nc.publish(self._subject, self.snapshot_message(snap))
-        except TrionatsError as exc:
+        except (TrionatsError, ValueError) as exc:  # ValueError: over max_payload
             self.publish_errors += 1
             if self.publish_errors == 1:
                 log.warning("publishing resource stats on %s failed: %s", self._subject, exc)

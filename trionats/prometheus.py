@@ -36,7 +36,7 @@ import trio
 from . import _errors
 from ._profiler import PerformanceProfiler
 from ._resources import HealthStatus, ResourceManager, SystemStats
-from ._validate import check_int, check_str
+from ._validate import check_int, check_number, check_str
 
 try:
     from prometheus_client.core import (
@@ -121,8 +121,10 @@ class TrionatsCollector(Collector):
             (:data:`DEFAULT_BUCKETS` by default).
 
     Raises:
-        TypeError: ``manager`` is not a ResourceManager.
-        ValueError: ``buckets`` is empty or not strictly increasing positive numbers.
+        TypeError: ``manager`` is not a ResourceManager, ``buckets`` not a sequence of
+            numbers.
+        ValueError: ``buckets`` is empty, not strictly increasing, or holds a bound that
+            is not finite and > 0 (``+Inf`` is always added).
     """
 
     def __init__(
@@ -132,8 +134,16 @@ class TrionatsCollector(Collector):
             raise TypeError(
                 f"manager must be a trionats.ResourceManager, got {type(manager).__name__}"
             )
-        bounds = tuple(float(b) for b in buckets)
-        if not bounds or any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
+        if isinstance(buckets, str | bytes) or not hasattr(buckets, "__iter__"):
+            raise TypeError(
+                "buckets must be a sequence of numbers of seconds, "
+                f"got {type(buckets).__name__}: {buckets!r}"
+            )
+        # finite (+Inf is added: a second one would repeat the le="+Inf" sample), > 0
+        bounds = tuple(
+            check_number(f"buckets[{i}]", b, exclusive_minimum=0) for i, b in enumerate(buckets)
+        )
+        if not bounds or list(bounds) != sorted(set(bounds)):
             raise ValueError(
                 f"buckets must be increasing numbers of seconds > 0, got {tuple(buckets)!r}"
             )
