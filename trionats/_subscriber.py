@@ -931,7 +931,7 @@ class SubscriptionHandle:
         type (the first records keep their traceback)."""
         _limited.log(
             logging.ERROR,
-            ("failed", self.subject, type(exc)),
+            ("failed", id(self), type(exc)),
             "handler for %r failed on message %r: %r",
             self.subject,
             msg.subject,
@@ -966,7 +966,7 @@ class SubscriptionHandle:
                         outcome = Outcome.TIMED_OUT
                         _limited.log(
                             logging.WARNING,
-                            ("timed out", self.subject),
+                            ("timed out", id(self)),
                             "handler for %r timed out after %s s on message %r",
                             self.subject,
                             timeout,
@@ -1004,7 +1004,7 @@ class SubscriptionHandle:
         except Exception as exc:
             _limited.log(
                 logging.WARNING,
-                ("error reply", self.subject),
+                ("error reply", id(self)),
                 "could not send the error reply for %r: %r",
                 msg.subject,
                 exc,
@@ -1016,7 +1016,7 @@ class SubscriptionHandle:
 
     def _own_key(self, key: Hashable) -> bool:
         """A rate-limited event of this subscription (reported when it stops)."""
-        return isinstance(key, tuple) and key[1] == self.subject
+        return isinstance(key, tuple) and key[1] == id(self)
 
 
 _RUNS_HANDLERS = (SubscriptionHandle._handle_one.__code__, SubscriptionHandle._worker.__code__)
@@ -1361,7 +1361,7 @@ class JetStreamHandle:
             except _errors.TrionatsError as exc:
                 _limited.log(
                     logging.WARNING,
-                    ("ack", self.subject),
+                    ("ack", id(self)),
                     "could not send %r for %r: %r",
                     payload,
                     msg,
@@ -1404,7 +1404,7 @@ class JetStreamHandle:
                     except _errors.TrionatsError as exc:
                         _limited.log(
                             logging.WARNING,
-                            ("ack", self.subject),
+                            ("ack", id(self)),
                             "could not send the acks of %d message(s) of %r: %r",
                             len(batch),
                             self.subject,
@@ -1414,7 +1414,7 @@ class JetStreamHandle:
                 if scope.cancelled_caught:
                     _limited.log(
                         logging.WARNING,
-                        ("ack", self.subject),
+                        ("ack", id(self)),
                         "the acks of %d message(s) of %r were not %s within %s s",
                         len(batch),
                         self.subject,
@@ -1447,7 +1447,7 @@ class JetStreamHandle:
                         if not msg._acked:
                             _limited.log(
                                 logging.WARNING,
-                                ("in_progress", self.subject),
+                                ("in_progress", id(self)),
                                 "in_progress for %r failed: %r",
                                 msg,
                                 exc,
@@ -1459,7 +1459,7 @@ class JetStreamHandle:
 
     def _own_key(self, key: Hashable) -> bool:
         """A rate-limited event of this subscription (reported when it stops)."""
-        return isinstance(key, tuple) and key[1] == self.subject
+        return isinstance(key, tuple) and key[1] == id(self)
 
     async def _work(self, msg: JsMsg) -> None:
         subscriber = self._subscriber
@@ -1486,7 +1486,7 @@ class JetStreamHandle:
                             outcome = Outcome.TIMED_OUT
                             _limited.log(
                                 logging.WARNING,
-                                ("timed out", self.subject),
+                                ("timed out", id(self)),
                                 "handler for %r timed out after %s s",
                                 self.subject,
                                 timeout,
@@ -1501,7 +1501,7 @@ class JetStreamHandle:
                 outcome = Outcome.FAILED
                 _limited.log(
                     logging.ERROR,
-                    ("failed", self.subject, type(exc)),
+                    ("failed", id(self), type(exc)),
                     "handler for %r failed on %r: %r",
                     self.subject,
                     msg,
