@@ -163,12 +163,15 @@ class BatchPublisher:
         if subject not in _PUBLISH_OK:
             check_publish_subject(subject)
         if type(data) is not bytes:
-            check_data(data)
+            # A bytearray or memoryview is copied: the message is sent later, and the
+            # caller may reuse its buffer once publish has returned.
+            data = bytes(check_data(data))
         if reply is not None:
             check_publish_subject(reply, "reply", cache=False)
         size = len(data)
         if headers is not None:
             check_headers(headers)
+            headers = dict(headers)  # as accepted, whatever the caller does with it later
             from ._bridge import encode_headers
 
             size += len(encode_headers(headers))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar, final
 import trio
 
 from ._metrics import EMPTY, Histogram, LatencySnapshot, merged_snapshot
-from ._validate import check_int, check_number, check_seconds, check_str
+from ._validate import check_bool, check_int, check_number, check_seconds, check_str
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -326,10 +326,12 @@ class PerformanceProfiler:
         """Record one operation that took ``seconds``, measured by other means.
 
         Raises:
-            TypeError / ValueError: a bad name or duration.
+            TypeError / ValueError: a bad name or duration; ``error`` not a bool.
         """
         check_str("name", name)
         seconds = check_number("seconds", seconds, minimum=0.0)
+        if error is not False:
+            check_bool("error", error)
         window = self._window(name, trio.current_time())
         window.count += 1
         if error:
