@@ -160,7 +160,9 @@ class Histogram:
         return max(self._max, self._max_ns * 1e-9)
 
     def record(self, seconds: float) -> None:
-        """Add one duration (seconds; negative values count as 0)."""
+        """Add one duration (seconds; negative values and NaN count as 0)."""
+        if not seconds > 0.0:  # a clock that went backwards, or NaN
+            seconds = 0.0
         self._counts[_index(seconds * 1e6)] += 1
         self._sum += seconds
         if seconds > self._max:
@@ -172,6 +174,9 @@ class Histogram:
         steps = ns * 16 // 1000  # the value in 1/16 µs, rounded down
         if 0 <= steps < _TABLE_SIZE:
             self._counts[_TABLE[steps]] += 1
+        elif ns < 0:  # a clock that went backwards counts as 0
+            ns = 0
+            self._counts[0] += 1
         else:
             self._counts[_index(ns / 1000)] += 1
         self._sum_ns += ns
