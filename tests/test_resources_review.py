@@ -38,3 +38,40 @@ async def test_prometheus_buckets_are_validated(
     async with trionats.open_resource_manager(interval=60) as rm:
         with pytest.raises(error, match=text):
             tp.TrionatsCollector(rm, buckets=buckets)  # type: ignore[arg-type]
+
+
+async def test_top_ignores_a_malformed_snapshot(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import trio
+
+    from trionats._resources import SCHEMA
+    from trionats._top import top
+
+    bad = [
+        {"type": SCHEMA, "id": "a", "interval": 0.05, "pools": [{"name": "p"}]},
+        {"type": SCHEMA, "id": "b", "interval": "soon"},
+        {"type": SCHEMA, "id": "c", "interval": 0.05, "process": []},
+    ]
+    async with (
+        trionats.open_connection(nats_url) as nc,
+        trionats.open_resource_manager(
+            interval=0.05, publish_on=nc, publish_subject="rv.stats", name="good-svc"
+        ),
+        trio.open_nursery() as nursery,
+    ):
+
+        async def junk() -> None:
+            while True:
+                for body in bad:
+                    await nc.publish(f"rv.stats.{body['id']}", json.dumps(body).encode())
+                await trio.sleep(0.01)
+
+        nursery.start_soon(junk)
+        received = await top(nats_url, once=True, duration=30, subject="rv.stats", plain=True)
+        nursery.cancel_scope.cancel()
+    assert received >= 1
+    out = capsys.readouterr().out
+    assert out.count("process good-svc (id ") == 1, out

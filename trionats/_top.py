@@ -178,6 +178,16 @@ def _decode(data: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(snap, dict) or snap.get("type") != SCHEMA or "id" not in snap:
         return None
+    interval = snap.get("interval", 10.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        return None
+    if not 0 < interval < float("inf"):
+        return None
+    try:  # a snapshot that would break the views is ignored, not a crash of top
+        format_plain(snap)
+        render_table({"": snap}, set())
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
     return snap
 
 
