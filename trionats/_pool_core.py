@@ -663,8 +663,11 @@ class PoolCore(Generic[C]):
     def _try_grant_shared(self, now: float, holder: Any) -> Grant | None:
         """A shared lease on the least-loaded connection in shared service, else on an
         idle connection (which goes into shared service), else nothing while a shared
-        dial in progress will have room for this borrower, else a shared dial slot; None
-        when the borrower must wait."""
+        dial is in progress (unless ``shared_leases_per_connection`` is 1): the borrower
+        waits for that connection, else a shared dial slot; None when the borrower must
+        wait. With a cap above 1 and a burst of shared borrowers, dials therefore run one
+        at a time, each serving up to the cap (a known limit: many borrowers arriving
+        together under a small cap wait for several dials in a row)."""
         entry = self._least_loaded(now)
         if entry is not None:
             return self._share(entry, now, True, holder)
