@@ -204,8 +204,8 @@ async def top(
     Args:
         url: the NATS server.
         duration: stop after this many seconds (None: until cancelled).
-        once: show every process heard within one publishing interval of the first
-            snapshot, then stop.
+        once: show every process heard within one publishing interval (at most 10 s)
+            of the first snapshot, then stop.
         subject: the subject prefix the resource managers publish on.
         plain: plain text lines instead of a live table (None: when stdout is not a
             terminal).
