@@ -313,3 +313,28 @@ def test_check_comparable_warns_about_what_moves_figures() -> None:
     warnings = check_comparable(old, BenchConfig(count=1000), ["publish"])
     assert any("the old report has 1 repetition" in w for w in warnings)
     assert any("ran on 512 CPUs" in w for w in warnings)
+
+
+def test_a_child_gets_the_server_url_in_its_environment_not_its_argv() -> None:
+    """argv is world-readable (ps, /proc/PID/cmdline): a URL's credentials stay out."""
+    from trionats._bench import URL_ENV, _raw_command
+
+    url = "nats://bench:s3cret@127.0.0.1:4222"
+    for loop in ("asyncio", "uvloop"):
+        command = _raw_command("publish", url, 100, 8, 1, loop)
+        assert not any("s3cret" in part for part in command), command
+    assert URL_ENV == "TRIONATS_BENCH_URL"
+
+
+async def test_a_child_reads_the_url_from_its_environment(nats_url: str) -> None:
+    from trionats._bench import _raw_command, _run_child
+
+    seen: list[int] = []
+    result = await _run_child(
+        _raw_command("publish", nats_url, 200, 8, 1),
+        "raw nats-py child (publish, rep 1)",
+        lambda what, pid: seen.append(pid),
+        nats_url,
+    )
+    assert result["rate"] > 0
+    assert len(seen) == 1

@@ -913,7 +913,8 @@ static void on_msg(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void
 }
 
 int main(int argc, char **argv) {
-    const char *scenario = argv[1], *url = argv[2];
+    const char *scenario = argv[1], *url = getenv("TRIONATS_BENCH_URL");
+    if (url == NULL || strcmp(argv[2], "-") != 0) url = argv[2];
     int64_t count = atoll(argv[3]);
     int size = atoi(argv[4]);
     char *payload = malloc(size + 1);
@@ -986,6 +987,9 @@ async def build_c_client(workdir: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ driver --
+URL_ENV = "TRIONATS_BENCH_URL"
+"""The environment variable that carries the server URL to a benchmark child."""
+_URL_FROM_ENV = "-"  # the URL argument of a child that reads it from URL_ENV
 _PARENT_PIPE_FLAG = "--exit-when-stdin-closes"
 _UVLOOP_FLAG = "--uvloop"
 
@@ -997,9 +1001,14 @@ def _redact(text: str) -> str:
 
 
 async def _run_child(
-    command: list[str], what: str, started: Callable[[str, int], None] | None = None
+    command: list[str],
+    what: str,
+    started: Callable[[str, int], None] | None = None,
+    url: str | None = None,
 ) -> Any:
     """Run one benchmark child under ``trio.run_process``; its last stdout line is JSON.
+
+    ``url`` reaches the child in its environment (:data:`URL_ENV`), never in its argv.
 
     The child's stdin is the read end of a pipe whose write end only this process holds:
     a child run with ``--exit-when-stdin-closes`` exits when this process dies, however
@@ -1020,6 +1029,7 @@ async def _run_child(
         nonlocal done
         done = await trio.run_process(
             command,
+            env=None if url is None else {**os.environ, URL_ENV: url},
             stdin=read_end,
             capture_stdout=True,
             capture_stderr=True,
@@ -1061,12 +1071,14 @@ async def _run_child(
 def _raw_command(
     scenario: str, url: str, count: int, size: int, concurrency: int, loop: str = "asyncio"
 ) -> list[str]:
+    # The URL (which may carry credentials) goes to the child in its environment, not in
+    # its argv, which any user of the machine can read (ps, /proc/PID/cmdline).
     command = [
         sys.executable,
         "-m",
         "trionats._bench",
         scenario,
-        url,
+        _URL_FROM_ENV,
         str(count),
         str(size),
         str(concurrency),
@@ -1360,6 +1372,7 @@ async def run_bench(
                     f"raw nats-py child{' on uvloop' if side == 'raw_uvloop' else ''} "
                     f"({scenario}, rep {rep + 1})",
                     started,
+                    url,
                 )
                 results[scenario][side].append(raw)
                 if progress:
@@ -1370,9 +1383,10 @@ async def run_bench(
                 progress(scenario, rep, "trionats")
             if c_binary is not None and scenario in C_SCENARIOS:
                 c = await _run_child(
-                    [c_binary, scenario, url, str(n), str(config.size)],
+                    [c_binary, scenario, _URL_FROM_ENV, str(n), str(config.size)],
                     f"C client ({scenario}, rep {rep + 1})",
                     started,
+                    url,
                 )
                 c_results.setdefault(scenario, []).append(c)
     summary = summarize(results)
@@ -1616,4 +1630,6 @@ if __name__ == "__main__":  # the raw nats-py child process
         sys.argv.remove(_UVLOOP_FLAG)
         _loop = "uvloop"
     _scenario, _url, _count, _size, _conc = sys.argv[1:6]
+    if _url == _URL_FROM_ENV:
+        _url = os.environ[URL_ENV]
     print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc), _loop)))
