@@ -159,7 +159,7 @@ async def test_ignored_sigint_stays_ignored() -> None:
 async def test_a_failing_child_reports_its_own_stderr(nats_url: str) -> None:
     command = _raw_command("no-such-scenario", nats_url, 10, 8, 1)
     with pytest.raises(BenchError) as caught:
-        await _run_child(command, "raw nats-py child (no-such-scenario, rep 1)")
+        await _run_child(command, "raw nats-py child (no-such-scenario, rep 1)", None, nats_url)
     message = str(caught.value)
     assert "raw nats-py child (no-such-scenario, rep 1) exited with status 1" in message
     assert "KeyError: 'no-such-scenario'" in message  # the child's own traceback
