@@ -19,6 +19,7 @@ import time
 
 import pytest
 import trio
+from test_cli import _default_sigint
 
 import trionats
 from trionats import _server
@@ -129,6 +130,8 @@ async def test_server_port_0_prints_the_real_url() -> None:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # run in the background without job control, pytest passes SIGINT on ignored
+        preexec_fn=_default_sigint,
     )
     assert process.stdout is not None
     output = b""
