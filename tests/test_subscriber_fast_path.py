@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from polling import wait_until
+from test_cancellation import CancelAtStep
 
 import trionats
 from trionats._subscriber import SubscriberConfig, SubscriberStats, open_subscriber
@@ -19,25 +20,6 @@ def balanced(s: SubscriberStats) -> bool:
     return s.received == (
         s.processed + s.failed + s.timed_out + s.dropped + s.in_flight + s.pending
     )
-
-
-class CancelAtWorkerStep(trio.abc.Instrument):
-    """Cancel ``scope`` right after the subscriber's workers (all of them together) have
-    taken ``n`` steps: one of them is then parked at a checkpoint, which the cancel aborts."""
-
-    def __init__(self, n: int, subject: str, scope: trio.CancelScope) -> None:
-        self.n = n
-        self.name = f"trionats.subscriber worker {subject!r}"
-        self.scope = scope
-        self.steps = 0
-        self.fired = False
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name == self.name:
-            self.steps += 1
-            if self.steps == self.n:
-                self.fired = True
-                self.scope.cancel()
 
 
 @pytest.mark.parametrize("max_workers", [1, 3])
@@ -70,7 +52,7 @@ async def test_fast_path_cancelled_at_every_worker_checkpoint(
                 # A subject of its own: what a cancelled run published may still arrive.
                 subject = f"fast.path.{n}"
                 scope = trio.CancelScope()
-                instrument = CancelAtWorkerStep(n, subject, scope)
+                instrument = CancelAtStep(n, f"trionats.subscriber worker {subject!r}", scope)
                 handle = None
                 trio.lowlevel.add_instrument(instrument)
                 try:

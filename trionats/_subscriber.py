@@ -1641,10 +1641,7 @@ class Subscriber:
         try:
             await self._nursery.start(handle._run, self._conn, timeout)
         except BaseException:
-            self._core.stopping(handle._core)
-            self._core.stopped(handle._core)
-            self._active.pop(handle, None)
-            handle._done.set()
+            self._abandon(handle)
             raise
         return handle
 
@@ -1862,14 +1859,12 @@ class Subscriber:
         try:
             await self._nursery.start(handle._run, self._conn, timeout)
         except BaseException:
-            self._core.stopping(handle._core)
-            self._core.stopped(handle._core)
-            self._active.pop(handle, None)
-            handle._done.set()
+            self._abandon(handle)
             raise
         return handle
 
-    def _abandon(self, handle: JetStreamHandle) -> None:
+    def _abandon(self, handle: SubscriptionHandle | JetStreamHandle | BatchHandle) -> None:
+        """A handle whose start failed: counted as stopped, forgotten, its waiters woken."""
         self._core.stopping(handle._core)
         self._core.stopped(handle._core)
         self._active.pop(handle, None)
