@@ -271,6 +271,35 @@ async def test_pending_limit_drops_are_counted_with_one_event_per_transition(
         assert kinds == [(trionats.EventKind.SLOW_CONSUMER, "flood")] * 2
 
 
+async def test_a_consumer_hovering_at_its_limit_reports_one_episode(nats_url: str) -> None:
+    # Taking one message and dropping the next again is the same episode: it ends only
+    # once the consumer has taken every buffered message (no event per message).
+    async def flood(n: int) -> None:
+        for i in range(n):
+            await nc.publish("hover", str(i).encode())
+        await nc.flush()
+
+    async with (
+        trionats.open_connection(nats_url) as nc,
+        nc.events() as events,
+        nc.subscribe("hover", max_pending_msgs=3) as sub,
+    ):
+        await flood(5)
+        for _ in range(4):
+            sub.take_nowait()
+            await flood(2)
+        assert (sub.pending, sub.dropped) == (3, 2 + 4)
+        while sub.pending:
+            sub.take_nowait()
+        await flood(4)  # caught up, then over the limit again: a second episode
+        assert sub.dropped == 7
+        kinds = []
+        with trio.move_on_after(0.2):
+            async for event in events:
+                kinds.append((event.kind, event.subject))
+        assert kinds == [(trionats.EventKind.SLOW_CONSUMER, "hover")] * 2
+
+
 async def test_pending_bytes_limit(nats_url: str) -> None:
     async with (
         trionats.open_connection(nats_url) as nc,

@@ -12,7 +12,8 @@ if it finds the buffer untouched): a no-op handler costs about what a bare
 ``async for msg in sub`` loop does (benchmarks/bench_subscriber.py). Messages that the
 handlers cannot keep up with wait in the subscription's own
 bounded buffer (``pending_msgs`` / ``pending_bytes``); beyond that the connection drops and
-counts them and emits one SLOW_CONSUMER event per transition into the dropping state.
+counts them and emits one SLOW_CONSUMER event per dropping episode (it ends once the
+buffer is empty).
 
 Accounting is kept in two small synchronous classes (:class:`_SubscriberCore`,
 :class:`_HandleCore`) that the property tests drive without any I/O. ``received`` is never

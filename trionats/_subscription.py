@@ -34,7 +34,8 @@ class Subscription:
     subscription's pending queue: the read loop appends messages here synchronously,
     bounded by ``max_pending_msgs`` / ``max_pending_bytes``; beyond them a message is
     dropped and counted (``dropped``), and one SLOW_CONSUMER event is emitted per
-    transition into the dropping state.
+    dropping episode: from the first drop until the consumer has taken every buffered
+    message (a consumer hovering at its limit reports once, not once per message).
     """
 
     def __init__(
@@ -150,7 +151,10 @@ class Subscription:
         msg = self._buffer.popleft()
         self._bytes -= len(msg.data)
         self.delivered += 1
-        self._dropping = False
+        if not self._buffer:
+            # Caught up: the dropping episode ends only once every buffered message is
+            # taken, so a consumer hovering at its limit reports once, not per message.
+            self._dropping = False
         return msg
 
     async def _wait(self) -> None:
