@@ -317,21 +317,21 @@ def test_check_comparable_warns_about_what_moves_figures() -> None:
 
 def test_a_child_gets_the_server_url_in_its_environment_not_its_argv() -> None:
     """argv is world-readable (ps, /proc/PID/cmdline): a URL's credentials stay out."""
-    from trionats._bench import URL_ENV, _raw_command
+    from trionats._bench import URL_ENV, _child_command
 
     url = "nats://bench:s3cret@127.0.0.1:4222"
     for loop in ("asyncio", "uvloop"):
-        command = _raw_command("publish", url, 100, 8, 1, loop)
+        command = _child_command("publish", url, 100, 8, 1, loop)
         assert not any("s3cret" in part for part in command), command
     assert URL_ENV == "TRIONATS_BENCH_URL"
 
 
 async def test_a_child_reads_the_url_from_its_environment(nats_url: str) -> None:
-    from trionats._bench import _raw_command, _run_child
+    from trionats._bench import _child_command, _run_child
 
     seen: list[int] = []
     result = await _run_child(
-        _raw_command("publish", nats_url, 200, 8, 1),
+        _child_command("publish", nats_url, 200, 8, 1),
         "raw nats-py child (publish, rep 1)",
         lambda what, pid: seen.append(pid),
         nats_url,

@@ -19,7 +19,7 @@ import pytest
 import trio
 from test_server_lifetime import process_gone, wait_gone
 
-from trionats._bench import BenchError, _raw_command, _run_child
+from trionats._bench import BenchError, _child_command, _run_child
 
 
 def _default_sigint() -> None:
@@ -157,7 +157,7 @@ async def test_ignored_sigint_stays_ignored() -> None:
 
 
 async def test_a_failing_child_reports_its_own_stderr(nats_url: str) -> None:
-    command = _raw_command("no-such-scenario", nats_url, 10, 8, 1)
+    command = _child_command("no-such-scenario", nats_url, 10, 8, 1)
     with pytest.raises(BenchError) as caught:
         await _run_child(command, "raw nats-py child (no-such-scenario, rep 1)", None, nats_url)
     message = str(caught.value)

@@ -1,11 +1,13 @@
 """``trionats bench``: trionats against raw nats-py on plain asyncio, in one run.
 
-Every scenario runs the same workload on each side per repetition: with trionats (in this
-process, on Trio), with raw nats-py on plain asyncio in a child process (importing
-trio_asyncio changes asyncio's loop policy for the whole process, which would slow the raw
-side down) and, with ``uvloop=True``, with raw nats-py on uvloop in another child. Same
-server, same payloads; warm-up is excluded on every side; repetitions are interleaved and
-each figure's median and spread (min, max, median absolute deviation) are reported.
+Every scenario runs the same workload on each side per repetition, each side in a fresh
+child process of its own (``python -m trionats._bench``): trionats on Trio, raw nats-py on
+plain asyncio (importing trio_asyncio changes asyncio's loop policy for the whole process,
+which would slow the raw side down) and, with ``uvloop=True``, raw nats-py on uvloop. No
+side shares a process with the progress bar's thread, the embedded server's supervision or
+the results gathered so far. Same server, same payloads; warm-up is excluded on every
+side; repetitions are interleaved and each figure's median and spread (min, max, median
+absolute deviation) are reported.
 ``compare_reports`` compares two reports figure by figure against a noise band.
 
 The child processes run under ``trio.run_process``: a cancel (Ctrl-C or SIGTERM in the
@@ -992,6 +994,7 @@ URL_ENV = "TRIONATS_BENCH_URL"
 _URL_FROM_ENV = "-"  # the URL argument of a child that reads it from URL_ENV
 _PARENT_PIPE_FLAG = "--exit-when-stdin-closes"
 _UVLOOP_FLAG = "--uvloop"
+_TRIONATS_FLAG = "--trionats"  # the child runs the trionats side (trio.run) instead of raw
 
 
 def _redact(text: str) -> str:
@@ -1068,7 +1071,7 @@ async def _run_child(
         ) from None
 
 
-def _raw_command(
+def _child_command(
     scenario: str, url: str, count: int, size: int, concurrency: int, loop: str = "asyncio"
 ) -> list[str]:
     # The URL (which may carry credentials) goes to the child in its environment, not in
@@ -1086,6 +1089,8 @@ def _raw_command(
     ]
     if loop == "uvloop":
         command.append(_UVLOOP_FLAG)
+    elif loop == "trio":
+        command.append(_TRIONATS_FLAG)
     return command
 
 
@@ -1162,7 +1167,7 @@ REPORT_FORMAT = "trionats-bench"
 REPORT_VERSION = 2
 #: The sides of a scenario, as keys of ``results[scenario]``.
 SIDES = {
-    "trionats": "trionats on Trio, in the bench process",
+    "trionats": "trionats on Trio (trio.run), in a child process",
     "raw": "raw nats-py on plain asyncio (asyncio.run), in a child process",
     "raw_uvloop": "raw nats-py on uvloop (uvloop.run), in a child process",
 }
@@ -1368,7 +1373,7 @@ async def run_bench(
                 if side not in results[scenario]:
                     continue
                 raw = await _run_child(
-                    _raw_command(scenario, url, n, config.size, config.concurrency, loop),
+                    _child_command(scenario, url, n, config.size, config.concurrency, loop),
                     f"raw nats-py child{' on uvloop' if side == 'raw_uvloop' else ''} "
                     f"({scenario}, rep {rep + 1})",
                     started,
@@ -1377,7 +1382,14 @@ async def run_bench(
                 results[scenario][side].append(raw)
                 if progress:
                     progress(scenario, rep, side)
-            ours = await trionats_scenario(scenario, url, n, config.size, config.concurrency)
+            # In a fresh child as well, like the raw sides: not in this process, whose
+            # progress-bar thread, server supervision and heap would weigh on it alone.
+            ours = await _run_child(
+                _child_command(scenario, url, n, config.size, config.concurrency, "trio"),
+                f"trionats child ({scenario}, rep {rep + 1})",
+                started,
+                url,
+            )
             results[scenario]["trionats"].append(ours)
             if progress:
                 progress(scenario, rep, "trionats")
@@ -1621,7 +1633,7 @@ def _exit_when_stdin_closes() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-if __name__ == "__main__":  # the raw nats-py child process
+if __name__ == "__main__":  # a child process: raw nats-py, or trionats with --trionats
     if _PARENT_PIPE_FLAG in sys.argv:
         sys.argv.remove(_PARENT_PIPE_FLAG)
         _exit_when_stdin_closes()
@@ -1629,7 +1641,16 @@ if __name__ == "__main__":  # the raw nats-py child process
     if _UVLOOP_FLAG in sys.argv:
         sys.argv.remove(_UVLOOP_FLAG)
         _loop = "uvloop"
+    elif _TRIONATS_FLAG in sys.argv:
+        sys.argv.remove(_TRIONATS_FLAG)
+        _loop = "trio"
     _scenario, _url, _count, _size, _conc = sys.argv[1:6]
     if _url == _URL_FROM_ENV:
         _url = os.environ[URL_ENV]
-    print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc), _loop)))
+    if _loop == "trio":
+        import trio
+
+        _args = (_scenario, _url, int(_count), int(_size), int(_conc))
+        print(json.dumps(trio.run(trionats_scenario, *_args)))
+    else:
+        print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc), _loop)))
