@@ -243,6 +243,18 @@ async def test_client_name_is_sent(nats_server: trionats.NatsServer) -> None:
     assert [c.get("name") for c in connz["connections"]] == ["svc-name"]
 
 
+async def events_within(
+    events: trionats.EventStream, seconds: float
+) -> list[tuple[trionats.EventKind, str | None]]:
+    """(kind, subject) of every event the stream yields within ``seconds`` (a duration:
+    what must not come is checked by waiting for it that long)."""
+    kinds = []
+    with trio.move_on_after(seconds):
+        async for event in events:
+            kinds.append((event.kind, event.subject))
+    return kinds
+
+
 async def test_pending_limit_drops_are_counted_with_one_event_per_transition(
     nats_url: str,
 ) -> None:
@@ -264,11 +276,7 @@ async def test_pending_limit_drops_are_counted_with_one_event_per_transition(
             await nc.publish("flood", str(i).encode())
         await nc.flush()
         assert sub.dropped == 17
-        kinds = []
-        with trio.move_on_after(0.2):
-            async for event in events:
-                kinds.append((event.kind, event.subject))
-        assert kinds == [(trionats.EventKind.SLOW_CONSUMER, "flood")] * 2
+        assert await events_within(events, 0.2) == [(trionats.EventKind.SLOW_CONSUMER, "flood")] * 2
 
 
 async def test_a_consumer_hovering_at_its_limit_reports_one_episode(nats_url: str) -> None:
@@ -293,11 +301,7 @@ async def test_a_consumer_hovering_at_its_limit_reports_one_episode(nats_url: st
             sub.take_nowait()
         await flood(4)  # caught up, then over the limit again: a second episode
         assert sub.dropped == 7
-        kinds = []
-        with trio.move_on_after(0.2):
-            async for event in events:
-                kinds.append((event.kind, event.subject))
-        assert kinds == [(trionats.EventKind.SLOW_CONSUMER, "hover")] * 2
+        assert await events_within(events, 0.2) == [(trionats.EventKind.SLOW_CONSUMER, "hover")] * 2
 
 
 async def test_pending_bytes_limit(nats_url: str) -> None:
