@@ -57,7 +57,7 @@ import sys
 import traceback
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from operator import attrgetter
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, final, overload
 
 import trio
@@ -131,7 +131,7 @@ class PooledConnection(Protocol):
 
 C = TypeVar("C", bound=PooledConnection)
 
-_Holder = tuple[trio.lowlevel.Task, FrameType | None, int]
+_Holder = tuple[FrameType, int]  # the frame that called borrow() and its f_lasti then
 
 _NOT_ABOUT_THE_CONNECTION = (
     NoRespondersError,
@@ -146,9 +146,10 @@ def _is_healthy(conn: PooledConnection) -> bool:
 
 
 def _is_healthy_connection(conn: Connection) -> bool:
-    # The same test for a trionats Connection, one property cheaper (it runs on every
-    # shared borrow): is_connected is False once the connection is closed.
-    return conn.is_connected and not conn.is_draining
+    # _is_healthy for a trionats Connection, without its three properties (this runs on
+    # every shared borrow): is_connected is `not _closed and client.is_connected`, and a
+    # connected client is not closed.
+    return not conn._closed and not conn._draining and conn._client.is_connected
 
 
 def _is_suspect(exc: BaseException | None) -> bool:
@@ -162,22 +163,54 @@ def _is_suspect(exc: BaseException | None) -> bool:
     return isinstance(exc, TrionatsError | OSError)
 
 
-def _describe(holder: Any) -> tuple[str, str]:
-    """The holder task's name and the stack (task root -> borrow site) where it borrowed."""
-    task, frame, lineno = holder
+def _line_at(code: CodeType, lasti: int) -> int:
+    """The line of the instruction at byte offset ``lasti`` (what ``f_lineno`` said then)."""
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def _find_task(frame: FrameType) -> trio.lowlevel.Task | None:
+    """The task whose await stack runs ``frame`` (None when none does)."""
+    root = trio.lowlevel.current_root_task()
+    tasks = [root] if root is not None else []
+    while tasks:
+        task = tasks.pop()
+        for f, _ in task.iter_await_frames():
+            if f is frame:
+                return task
+        for nursery in task.child_nurseries:
+            tasks.extend(nursery.child_tasks)
+    return None
+
+
+def _describe(holder: Any, task: trio.lowlevel.Task | None = None) -> tuple[str, str]:
+    """The holder task's name and the stack (task root -> borrow site) where it borrowed.
+
+    ``holder`` is ``(frame, lasti)``: the frame that called ``borrow`` and its position
+    then. Reading ``f_lineno`` or ``current_task()`` on every borrow would cost more than
+    a shared borrow's whole bookkeeping (``f_lineno`` walks the function's line table), so
+    the line is computed here, and the task, when not given, is found by its frame.
+    """
+    frame, lasti = holder
+    lineno = _line_at(frame.f_code, lasti)
+    if task is None:
+        task = _find_task(frame)
     frames: list[tuple[FrameType, int]] = []
     found = False
-    if frame is not None:
+    if task is not None:
         for f, ln in task.iter_await_frames():
             if f is frame:
                 frames.append((f, lineno))
                 found = True
                 break
             frames.append((f, ln))
-        if not found:
-            frames = [(frame, lineno)]
+    if not found:
+        frames = [(frame, lineno)]
     stack = "".join(traceback.StackSummary.extract(frames, lookup_lines=True).format())
-    return task.name, stack or "  (no stack)\n"
+    name = task.name if task is not None else "(a task that no longer runs the borrow block)"
+    return name, stack or "  (no stack)\n"
 
 
 _LEASE_ENDED = "this connection's lease has ended (borrow block exited)"
@@ -305,7 +338,7 @@ _generate_forwarders()
 
 _EXCLUSIVE, _SHARED, _LONG_LIVED = 0, 1, 2  # Borrow._mode: _SHARED | _LONG_LIVED bits
 
-_new_handle = object.__new__
+_new_handle = _new_borrow = object.__new__
 
 
 @final
@@ -554,7 +587,14 @@ class Pool(Generic[C]):
                 check_bool("long_lived", long_lived)  # raises: not a bool
             mode |= _LONG_LIVED
         frame = sys._getframe(1)
-        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), mode)
+        # Borrow(self, timeout, holder, mode) without the __init__ call
+        borrow: Borrow[C] = _new_borrow(Borrow)
+        borrow._pool = self
+        borrow._timeout = timeout
+        borrow._holder = (frame, frame.f_lasti)
+        borrow._mode = mode
+        borrow._lease = None
+        return borrow
 
     # -- acquiring ---------------------------------------------------------------------
     async def _acquire(self, timeout: float | None, holder: _Holder, shared: bool) -> Lease[C]:
@@ -664,7 +704,7 @@ class Pool(Generic[C]):
     def _release(self, lease: Lease[C], suspect: bool) -> None:
         core = self._core
         if lease.leak_reported and not lease.detached:
-            name, stack = _describe(lease.holder)
+            name, stack = _describe(lease.holder, current_task())  # the holder returns it
             log.warning(
                 "leaked %s to %s returned after %.3f s by task %r; it was borrowed at:\n%s",
                 "shared lease on a connection" if lease.shared else "connection",
