@@ -342,21 +342,20 @@ _new_handle = _new_borrow = object.__new__
 
 
 @final
-class Borrow(Generic[C]):
-    """The async context manager returned by :meth:`Pool.borrow`. Single use."""
+class Borrow(Lease[C]):
+    """The async context manager returned by :meth:`Pool.borrow`. Single use.
 
-    __slots__ = ("_handle", "_holder", "_lease", "_mode", "_pool", "_scope", "_timeout")
+    On the shared hot path it is also the lease's record in the pool's core
+    (:meth:`PoolCore.share_into`): one object per borrow instead of two. Otherwise the
+    core makes the lease (``_lease``). Built by :meth:`Pool.borrow` without ``__init__``.
+    """
 
+    _pool: Pool[C]
+    _timeout: float | None
+    _mode: int  # _SHARED | _LONG_LIVED bits; -1 once entered
+    _lease: Lease[C] | None  # the lease during the block (self on the hot path)
     _handle: LeasedConnection | None
     _scope: trio.CancelScope | None
-
-    def __init__(self, pool: Pool[C], timeout: float | None, holder: _Holder, mode: int) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._holder: _Holder | None = holder  # None once entered
-        self._mode = mode
-        self._lease: Lease[C] | None = None
-        # _handle and _scope are set by __aenter__ (before __aexit__ can run)
 
     def __await__(self) -> NoReturn:
         raise TypeError(
@@ -366,19 +365,19 @@ class Borrow(Generic[C]):
         )
 
     async def __aenter__(self) -> C:
-        holder = self._holder
-        if holder is None:
-            raise RuntimeError("a pool.borrow() context manager can only be entered once")
-        self._holder = None
-        pool = self._pool
         mode = self._mode
+        if mode < 0:
+            raise RuntimeError("a pool.borrow() context manager can only be entered once")
+        self._mode = -1
+        pool = self._pool
+        lease: Lease[C]
         if mode & _SHARED:
             await checkpoint_if_cancelled()
             core = pool._core
-            lease = core.share_now(pool._clock.current_time(), holder)
-            if lease is None:
-                lease = await pool._acquire(self._timeout, holder, True)
+            if not core.share_into(pool._clock.current_time(), self):
+                lease = await pool._acquire(self._timeout, self.holder, True)
             else:
+                lease = self
                 # The multiplexed hot path: a cancel point on every call (above), a
                 # schedule point every BORROW_YIELD_EVERY calls, as publish does.
                 if core.wake_at < pool._hk_deadline:
@@ -390,7 +389,7 @@ class Borrow(Generic[C]):
                     pool._since_yield = 0
                     await cancel_shielded_checkpoint()
         else:
-            lease = await pool._acquire(self._timeout, holder, False)
+            lease = await pool._acquire(self._timeout, self.holder, False)
         # No checkpoint from here to the return: the lease cannot be lost to a cancel.
         self._lease = lease
         if mode & _LONG_LIVED:
@@ -423,7 +422,7 @@ class Borrow(Generic[C]):
         lease: Lease[C] | None = self._lease
         if lease is None:
             raise RuntimeError("a pool.borrow() context manager exited without a lease")
-        self._lease = None  # no cycle through a frame that holds this Borrow
+        self._lease = None  # no cycle (through itself, or a frame that holds this Borrow)
         handle = self._handle
         if handle is not None:
             _set_nc(handle, _ENDED)
@@ -591,7 +590,7 @@ class Pool(Generic[C]):
         borrow: Borrow[C] = _new_borrow(Borrow)
         borrow._pool = self
         borrow._timeout = timeout
-        borrow._holder = (frame, frame.f_lasti)
+        borrow.holder = (frame, frame.f_lasti)
         borrow._mode = mode
         borrow._lease = None
         return borrow

@@ -209,7 +209,6 @@ class _Entry(Generic[C]):
         return self.id < other.id
 
 
-@final
 class Lease(Generic[C]):
     """A borrowed connection. Owned by the borrower until released.
 
@@ -230,8 +229,9 @@ class Lease(Generic[C]):
         token: free for the async layer (its cancel scope).
 
     No ``__slots__`` on purpose: the fields below that have a default are class
-    attributes until a lease changes one, so the shared hot path (:meth:`PoolCore.share_now`)
-    makes a lease with four stores and no ``__init__`` call.
+    attributes until a lease changes one, so the shared hot path
+    (:meth:`PoolCore.share_into`) fills a lease with three stores. The async layer's
+    ``Borrow`` is a subclass: on that path it is its own lease.
     """
 
     conn: C
@@ -773,9 +773,18 @@ class PoolCore(Generic[C]):
         """The hot path of ``request(shared=True)``: a shared lease on the one connection
         in shared service when it can take it as it is, else None (then call
         :meth:`request`). Never queues, dials, retires or closes anything."""
+        lease: Lease[C] = _new_lease(Lease)
+        lease.holder = holder
+        return lease if self.share_into(now, lease) else None
+
+    def share_into(self, now: float, lease: Lease[C]) -> bool:
+        """:meth:`share_now` into a record the caller made: ``lease`` is a :class:`Lease`
+        (or subclass) never lent before, with its ``holder`` set and the other fields at
+        their class defaults. True: it is now a shared lease (``conn``, ``borrowed_at``
+        set); False: nothing changed (then call :meth:`request`)."""
         shared = self._shared
         if len(shared) != 1 or self._waiting_shared or self.closing:
-            return None
+            return False
         entry = shared[0]
         shares = entry.shares
         if (
@@ -784,22 +793,18 @@ class PoolCore(Generic[C]):
             or self._servers[entry.server].retry_at > now
             or not self._healthy(entry.conn)
         ):
-            return None
+            return False
         entry.shares = shares + 1
         self.shared_borrows += 1
         self.reused += 1
-        # Lease(entry, now, True, holder, True) without the call: the other fields keep
-        # their class defaults (reused and shared are True there).
-        lease: Lease[C] = _new_lease(Lease)
         lease._entry = entry
         lease.conn = entry.conn
         lease.borrowed_at = now
-        lease.holder = holder
         self._unreported[lease] = None
         leak_at = now + self._leak_timeout
         if leak_at < self.wake_at:
             self.wake_at = leak_at
-        return lease
+        return True
 
     def unshare_now(self, lease: Lease[C]) -> bool:
         """The hot path of :meth:`release` for a shared lease (not suspect) that is not the
