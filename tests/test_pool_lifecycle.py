@@ -114,7 +114,7 @@ async def test_every_public_name_of_connection_is_forwarded_by_the_handle(
     async with open_pool(PoolConfig(servers=[nats_server.url])) as pool:
         async with pool.borrow(timeout=10) as nc:
             assert isinstance(nc, Connection)
-            real = nc._nc  # type: ignore[attr-defined]
+            real = nc._borrow._conn  # type: ignore[attr-defined]
             assert type(real) is Connection
             for name in names:
                 mine, theirs = getattr(nc, name), getattr(real, name)

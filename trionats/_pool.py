@@ -35,12 +35,13 @@ Why a generated subclass rather than hand-written forwarders or ``__getattr__``:
   anyone remembering to (a test checks every public name);
 * every method runs with ``self`` the real connection, so no state can split between
   handle and connection; the connection's other attributes go through ``__getattr__``;
-* cost: each forwarder is a property whose getter is ``attrgetter("_nc.<name>")``, all in
-  C: an access costs one slot read more than on the connection (a method access yields
-  the connection's own bound method, as ``conn.publish`` does), and a handle holds one
-  slot and no ``__dict__``, so making and ending one is two slot stores (a Python-level
-  forwarder per call cost 17 % of publish throughput; a per-lease cache of bound methods
-  cost more than the whole shared borrow). At the lease's end ``_nc`` becomes a sentinel
+* cost: each forwarder is a property whose getter is ``attrgetter("_borrow._conn.<name>")``,
+  all in C: an access costs two attribute reads more than on the connection (a method
+  access yields the connection's own bound method, as ``conn.publish`` does); a handle
+  holds one slot (its ``Borrow``) and no ``__dict__``, so making one is one slot store and
+  ending the lease is a plain store on the ``Borrow`` (a Python-level forwarder per call
+  cost 17 % of publish throughput; a per-lease cache of bound methods cost more than the
+  whole shared borrow). At the lease's end the ``Borrow``'s ``_conn`` becomes a sentinel
   whose every attribute raises. The one thing not invalidated: a bound method the caller
   took out during the lease (``pub = nc.publish``) is the connection's own.
 
@@ -252,34 +253,33 @@ class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @
     ``Connection``'s (see the module docs); only ``repr`` works after the lease.
     """
 
-    __slots__ = ("_nc",)
+    __slots__ = ("_borrow",)
 
-    _nc: Connection  # the connection during the lease, then _ENDED
+    # The Borrow that made it: its _conn is the connection during the lease, then _ENDED,
+    # so the lease's end is a plain store on the Borrow (none on the handle).
+    _borrow: Borrow[Any]
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, borrow: Borrow[Any]) -> None:
         # Deliberately no Connection.__init__: the handle holds no connection state.
-        _set_nc(self, conn)
-
-    def _end_lease(self) -> None:
-        _set_nc(self, _ENDED)
+        _set_borrow(self, borrow)
 
     def __getattr__(self, name: str) -> Any:
         # Only names the class does not define: the connection's instance attributes.
-        if name == "_nc":
+        if name == "_borrow":
             raise AttributeError(name)
-        return getattr(self._nc, name)
+        return getattr(self._borrow._conn, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._nc, name, value)
+        setattr(self._borrow._conn, name, value)
 
     def __repr__(self) -> str:
-        nc = self._nc
+        nc = self._borrow._conn
         if nc is _ENDED:
             return "<trionats.Connection lease ended>"
         return f"<leased {nc!r}>"
 
 
-_set_nc = LeasedConnection._nc.__set__  # type: ignore[attr-defined]  # the slot's own setter
+_set_borrow = LeasedConnection._borrow.__set__  # type: ignore[attr-defined]  # the slot's setter
 
 
 _NOT_FORWARDED = frozenset(
@@ -303,17 +303,17 @@ _NOT_FORWARDED = frozenset(
 
 def _forward(name: str, doc: str | None, settable: bool) -> property:
     """A property of the handle: the connection's attribute ``name`` (its own bound method
-    for a method), looked up in C (``attrgetter("_nc.name")``) on every access, so a call
-    through the handle costs one slot read more than on the connection, and a handle
-    costs nothing to create or end beyond its one slot. After the lease ``_nc`` is
-    ``_ENDED``, whose every attribute raises."""
+    for a method), looked up in C (``attrgetter("_borrow._conn.name")``) on every access,
+    so a call through the handle costs two attribute reads more than on the connection,
+    and a handle costs nothing to create or end beyond its one slot. After the lease
+    ``_conn`` is ``_ENDED``, whose every attribute raises."""
     setter = None
     if settable:
 
         def setter(self: LeasedConnection, value: Any) -> None:
-            setattr(self._nc, name, value)
+            setattr(self._borrow._conn, name, value)
 
-    return property(attrgetter("_nc." + name), setter, None, doc)
+    return property(attrgetter("_borrow._conn." + name), setter, None, doc)
 
 
 def _generate_forwarders() -> None:
@@ -356,7 +356,7 @@ class Borrow(Lease[C]):
     _timeout: float | None
     _mode: int  # _SHARED | _LONG_LIVED bits; -1 once entered
     _lease: Lease[C] | None  # the lease during the block (self on the hot path)
-    _handle: LeasedConnection | None
+    _conn: Any  # what its LeasedConnection forwards to: the connection, then _ENDED
     _scope: trio.CancelScope | None
 
     def __await__(self) -> NoReturn:
@@ -404,12 +404,11 @@ class Borrow(Lease[C]):
         else:
             self._scope = None
         if pool._handles:
-            # LeasedConnection(conn) without the __init__ call
+            self._conn = lease.conn
+            # LeasedConnection(self) without the __init__ call
             handle: LeasedConnection = _new_handle(LeasedConnection)
-            _set_nc(handle, lease.conn)
-            self._handle = handle
+            _set_borrow(handle, self)
             return handle  # type: ignore[return-value]  # C is Connection with handles
-        self._handle = None
         return lease.conn
 
     def __aexit__(
@@ -425,15 +424,18 @@ class Borrow(Lease[C]):
         if lease is None:
             raise RuntimeError("a pool.borrow() context manager exited without a lease")
         self._lease = None  # no cycle (through itself, or a frame that holds this Borrow)
-        handle = self._handle
-        if handle is not None:
-            _set_nc(handle, _ENDED)
+        self._conn = _ENDED  # its handle's every attribute raises from now on
         if self._scope is None:
             if exc is None and self._pool._core.unshare_now(lease):
+                self.holder = None  # no cycle: frame -> handle -> this Borrow -> frame
                 return _DONE  # the hot path: other shared leases still on the connection
             self._pool._release(lease, exc is not None and _is_suspect(exc))
+            self.holder = None
             return _DONE
-        self._exit_scope(lease, exc_type, exc, tb)
+        try:
+            self._exit_scope(lease, exc_type, exc, tb)
+        finally:
+            self.holder = None
         return _DONE
 
     def _exit_scope(
