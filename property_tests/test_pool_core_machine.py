@@ -79,7 +79,7 @@ class PoolCoreMachine(RuleBasedStateMachine):
         self.queued: list[Waiter] = []
         self.woken: list[Waiter] = []
         self.suspect: set[int] = set()  # conns returned with suspect=True
-        self.reported: set[int] = set()  # lease ids reported as leaks
+        self.reported: set[Lease[FakeConn]] = set()  # leases reported as leaks
         self.created = 0
         self.reused = 0
         self.closed = dict.fromkeys(CloseReason, 0)
@@ -440,15 +440,15 @@ class PoolCoreMachine(RuleBasedStateMachine):
         granted = [w.grant for w in self.woken if isinstance(w.grant, Lease)]
         for lease in self.core.new_leaks:
             assert lease in self.leases or lease in granted
-            assert lease.id not in self.reported
+            assert lease not in self.reported
             assert lease.borrowed_at + self.config.leak_timeout <= self.now
-            self.reported.add(lease.id)
+            self.reported.add(lease)
             self.leaks += 1
         self.core.new_leaks.clear()
         # every lease past leak_timeout has been reported, exactly once
         for lease in self.leases:
             if lease.borrowed_at + self.config.leak_timeout <= self.now:
-                assert lease.id in self.reported
+                assert lease in self.reported
         self.settle()
         # nothing idle is past its life after a tick
         for stack in self.idle:

@@ -35,8 +35,8 @@ async def connz(server: NatsServer) -> int:
 def pooled(nc: Connection) -> Connection:
     """The pooled connection behind a borrower's handle (each borrow gets its own handle)."""
     assert isinstance(nc, LeasedConnection)
-    assert nc._nc is not None
-    return nc._nc
+    assert nc._borrow._conn is not None
+    return nc._borrow._conn
 
 
 async def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> None:

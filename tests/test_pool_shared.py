@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytest
@@ -378,3 +379,78 @@ async def test_shared_dial_failure_backs_off(autojump_clock: trio.testing.MockCl
         stats = pool.stats()
         assert stats.dial_failures >= 2
         assert stats.created == 1
+
+
+async def test_borrow_timeout_checks_on_the_fast_path(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = FakeNetwork()
+    async with open_pool(PoolConfig(servers=[URL]), dial=net.dial) as pool:
+        for timeout in (5, 5.0, 0.5, 2**60, 1e300):  # ints and floats, in range or not
+            async with pool.borrow(timeout=timeout, shared=True):
+                pass
+            async with pool.borrow(timeout=timeout):
+                pass
+        bad: list[tuple[object, type[Exception]]] = [
+            (True, TypeError),  # a bool is not a number of seconds
+            (False, TypeError),
+            (0, ValueError),
+            (-1, ValueError),
+            (0.0, ValueError),
+            (math.inf, ValueError),
+            (math.nan, ValueError),
+            ("1", TypeError),
+        ]
+        for timeout, exc in bad:
+            with pytest.raises(exc, match="timeout"):
+                pool.borrow(timeout=timeout, shared=True)  # type: ignore[arg-type]
+        pool._core.check()
+
+
+def _borrow_in_a_helper(pool: Any) -> Any:
+    return pool.borrow(shared=True)  # the borrow site the leak report shows
+
+
+async def test_leak_report_of_a_borrow_made_outside_the_holding_coroutine(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The holder's task is found by the frame that called borrow(); a helper's frame is
+    # gone by then: the report still names the borrow site and says the task is unknown.
+    net = FakeNetwork()
+    config = PoolConfig(servers=[URL], leak_timeout=5.0)
+    with caplog.at_level(logging.WARNING, logger="trionats.pool"):
+        async with open_pool(config, dial=net.dial) as pool:
+            # the first lease keeps the connection in shared service
+            async with pool.borrow(shared=True), _borrow_in_a_helper(pool):
+                await trio.sleep(6)
+            assert pool.stats().leaks_detected == 2
+    text = caplog.text
+    assert "the borrow site the leak report shows" in text
+    assert "a task that no longer runs the borrow block" in text
+    assert "test_leak_report_of_a_borrow_made_outside_the_holding_coroutine" in text
+
+
+def test_core_share_into_a_record_of_the_callers() -> None:
+    class Record(Lease[FakeConn]):
+        pass
+
+    core, net = core_with()
+    first = dial_into(core, net, core.request(0.0, shared=True), 0.0)
+    record = Record.__new__(Record)
+    record.holder = "me"
+    assert core.share_into(1.0, record)
+    assert (record.conn, record.borrowed_at, record.shared, record.reused) == (
+        first.conn,
+        1.0,
+        True,
+        True,
+    )
+    assert record in core.leases()
+    core.check()
+    assert core.unshare_now(record)
+    assert not core.unshare_now(first)  # the last lease: release() does it
+    core.release(first, 2.0)
+    with pytest.raises(RuntimeError, match="twice"):
+        core.release(record, 2.0)
+    core.check()
+    assert core.stats(2.0).shared_borrows == 2

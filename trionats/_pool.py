@@ -35,12 +35,15 @@ Why a generated subclass rather than hand-written forwarders or ``__getattr__``:
   anyone remembering to (a test checks every public name);
 * every method runs with ``self`` the real connection, so no state can split between
   handle and connection; the connection's other attributes go through ``__getattr__``;
-* cost: a property checks the lease (one slot read) per access; a method checks it on its
-  first use in the lease and caches the connection's bound method in the handle (a
-  non-data descriptor yields to the instance dict), so a publish loop pays nothing per call
-  (a per-call forwarder cost 17 % of publish throughput). The lease's end clears the
-  cache. The one thing not invalidated: a bound method the caller took out during the
-  lease (``pub = nc.publish``) is the connection's own.
+* cost: each forwarder is a property whose getter is ``attrgetter("_borrow._conn.<name>")``,
+  all in C: an access costs two attribute reads more than on the connection (a method
+  access yields the connection's own bound method, as ``conn.publish`` does); a handle
+  holds one slot (its ``Borrow``) and no ``__dict__``, so making one is one slot store and
+  ending the lease is a plain store on the ``Borrow`` (a Python-level forwarder per call
+  cost 17 % of publish throughput; a per-lease cache of bound methods cost more than the
+  whole shared borrow). At the lease's end the ``Borrow``'s ``_conn`` becomes a sentinel
+  whose every attribute raises. The one thing not invalidated: a bound method the caller
+  took out during the lease (``pub = nc.publish``) is the connection's own.
 
 ``Connection`` is ``@final`` for users; this view is the one sanctioned subclass.
 
@@ -56,7 +59,8 @@ import math
 import sys
 import traceback
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import FrameType, MethodType, TracebackType
+from operator import attrgetter
+from types import CodeType, FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, final, overload
 
 import trio
@@ -130,7 +134,7 @@ class PooledConnection(Protocol):
 
 C = TypeVar("C", bound=PooledConnection)
 
-_Holder = tuple[trio.lowlevel.Task, FrameType | None, int]
+_Holder = tuple[FrameType, int]  # the frame that called borrow() and its f_lasti then
 
 _NOT_ABOUT_THE_CONNECTION = (
     NoRespondersError,
@@ -144,6 +148,13 @@ def _is_healthy(conn: PooledConnection) -> bool:
     return conn.is_connected and not conn.is_closed and not conn.is_draining
 
 
+def _is_healthy_connection(conn: Connection) -> bool:
+    # _is_healthy for a trionats Connection, without its three properties (this runs on
+    # every shared borrow): is_connected is `not _closed and client.is_connected`, and a
+    # connected client is not closed.
+    return not conn._closed and not conn._draining and conn._client.is_connected
+
+
 def _is_suspect(exc: BaseException | None) -> bool:
     """Did the block fail in a way that speaks against the connection?"""
     if exc is None:
@@ -155,29 +166,82 @@ def _is_suspect(exc: BaseException | None) -> bool:
     return isinstance(exc, TrionatsError | OSError)
 
 
-def _describe(holder: Any) -> tuple[str, str]:
-    """The holder task's name and the stack (task root -> borrow site) where it borrowed."""
-    task, frame, lineno = holder
+def _line_at(code: CodeType, lasti: int) -> int:
+    """The line of the instruction at byte offset ``lasti`` (what ``f_lineno`` said then)."""
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def _find_task(frame: FrameType) -> trio.lowlevel.Task | None:
+    """The task whose await stack runs ``frame`` (None when none does)."""
+    root = trio.lowlevel.current_root_task()
+    tasks = [root] if root is not None else []
+    while tasks:
+        task = tasks.pop()
+        for f, _ in task.iter_await_frames():
+            if f is frame:
+                return task
+        for nursery in task.child_nurseries:
+            tasks.extend(nursery.child_tasks)
+    return None
+
+
+def _describe(holder: Any, task: trio.lowlevel.Task | None = None) -> tuple[str, str]:
+    """The holder task's name and the stack (task root -> borrow site) where it borrowed.
+
+    ``holder`` is ``(frame, lasti)``: the frame that called ``borrow`` and its position
+    then. Reading ``f_lineno`` or ``current_task()`` on every borrow would cost more than
+    a shared borrow's whole bookkeeping (``f_lineno`` walks the function's line table), so
+    the line is computed here, and the task, when not given, is found by its frame.
+    """
+    frame, lasti = holder
+    lineno = _line_at(frame.f_code, lasti)
+    if task is None:
+        task = _find_task(frame)
     frames: list[tuple[FrameType, int]] = []
     found = False
-    if frame is not None:
+    if task is not None:
         for f, ln in task.iter_await_frames():
             if f is frame:
                 frames.append((f, lineno))
                 found = True
                 break
             frames.append((f, ln))
-        if not found:
-            frames = [(frame, lineno)]
+    if not found:
+        frames = [(frame, lineno)]
     stack = "".join(traceback.StackSummary.extract(frames, lookup_lines=True).format())
-    return task.name, stack or "  (no stack)\n"
+    name = task.name if task is not None else "(a task that no longer runs the borrow block)"
+    return name, stack or "  (no stack)\n"
 
 
 _LEASE_ENDED = "this connection's lease has ended (borrow block exited)"
 
+_SECONDS_MAX = 2**53  # a timeout below it needs no check (an int is exact as a float)
+
 BORROW_YIELD_EVERY = 64
 """Borrows served at once (an idle connection, or a shared lease; no wait) between two
 full yields to the scheduler; each one still checks for cancellation."""
+
+
+@final
+class _LeaseEnded:
+    """What a handle points at once its lease has ended: every attribute raises."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise ConnectionClosedError(_LEASE_ENDED)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise ConnectionClosedError(_LEASE_ENDED)
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise ConnectionClosedError(_LEASE_ENDED)
+
+
+_ENDED: Any = _LeaseEnded()
 
 
 class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @final class
@@ -189,38 +253,33 @@ class LeasedConnection(Connection):  # type: ignore[misc]  # the one view of a @
     ``Connection``'s (see the module docs); only ``repr`` works after the lease.
     """
 
-    __slots__ = ("_nc",)
+    __slots__ = ("_borrow",)
 
-    _nc: Connection | None
+    # The Borrow that made it: its _conn is the connection during the lease, then _ENDED,
+    # so the lease's end is a plain store on the Borrow (none on the handle).
+    _borrow: Borrow[Any]
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, borrow: Borrow[Any]) -> None:
         # Deliberately no Connection.__init__: the handle holds no connection state.
-        object.__setattr__(self, "_nc", conn)
-
-    def _end_lease(self) -> None:
-        self.__dict__.clear()  # the bound methods cached during the lease
-        object.__setattr__(self, "_nc", None)
+        _set_borrow(self, borrow)
 
     def __getattr__(self, name: str) -> Any:
         # Only names the class does not define: the connection's instance attributes.
-        if name == "_nc":
+        if name == "_borrow":
             raise AttributeError(name)
-        nc = self._nc
-        if nc is None:
-            raise ConnectionClosedError(_LEASE_ENDED)
-        return getattr(nc, name)
+        return getattr(self._borrow._conn, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        nc = self._nc
-        if nc is None:
-            raise ConnectionClosedError(_LEASE_ENDED)
-        setattr(nc, name, value)
+        setattr(self._borrow._conn, name, value)
 
     def __repr__(self) -> str:
-        nc = self._nc
-        if nc is None:
+        nc = self._borrow._conn
+        if nc is _ENDED:
             return "<trionats.Connection lease ended>"
         return f"<leased {nc!r}>"
+
+
+_set_borrow = LeasedConnection._borrow.__set__  # type: ignore[attr-defined]  # the slot's setter
 
 
 _NOT_FORWARDED = frozenset(
@@ -242,55 +301,19 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-@final
-class _ForwardMethod:
-    """A method of the handle: on first use in a lease, the connection's own bound method,
-    then cached in the handle's ``__dict__`` (a non-data descriptor yields to it), so later
-    calls cost nothing extra. :meth:`LeasedConnection._end_lease` clears the cache."""
+def _forward(name: str, doc: str | None, settable: bool) -> property:
+    """A property of the handle: the connection's attribute ``name`` (its own bound method
+    for a method), looked up in C (``attrgetter("_borrow._conn.name")``) on every access,
+    so a call through the handle costs two attribute reads more than on the connection,
+    and a handle costs nothing to create or end beyond its one slot. After the lease
+    ``_conn`` is ``_ENDED``, whose every attribute raises."""
+    setter = None
+    if settable:
 
-    __slots__ = ("__name__", "__wrapped__")
+        def setter(self: LeasedConnection, value: Any) -> None:
+            setattr(self._borrow._conn, name, value)
 
-    def __init__(self, func: Callable[..., Any]) -> None:
-        self.__wrapped__ = func
-        self.__name__: str = func.__name__
-
-    @overload
-    def __get__(self, obj: None, owner: type | None = None) -> _ForwardMethod: ...
-
-    @overload
-    def __get__(self, obj: LeasedConnection, owner: type | None = None) -> Any: ...
-
-    def __get__(self, obj: LeasedConnection | None, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        nc = obj._nc
-        if nc is None:
-            raise ConnectionClosedError(_LEASE_ENDED)
-        bound = MethodType(self.__wrapped__, nc)
-        obj.__dict__[self.__name__] = bound
-        return bound
-
-
-def _forward_property(prop: property) -> property:
-    fget, fset = prop.fget, prop.fset
-
-    def get(self: LeasedConnection) -> Any:
-        nc = self._nc
-        if nc is None:
-            raise ConnectionClosedError(_LEASE_ENDED)
-        assert fget is not None
-        return fget(nc)
-
-    def put(self: LeasedConnection, value: Any) -> None:
-        nc = self._nc
-        if nc is None:
-            raise ConnectionClosedError(_LEASE_ENDED)
-        assert fset is not None
-        fset(nc, value)
-
-    return property(
-        get if fget is not None else None, put if fset is not None else None, None, prop.__doc__
-    )
+    return property(attrgetter("_borrow._conn." + name), setter, None, doc)
 
 
 def _generate_forwarders() -> None:
@@ -301,48 +324,40 @@ def _generate_forwarders() -> None:
                 continue
             done.add(name)
             if isinstance(attr, property):
-                setattr(LeasedConnection, name, _forward_property(attr))
+                forwarder = _forward(name, attr.__doc__, attr.fset is not None)
             elif inspect.isfunction(attr):
-                setattr(LeasedConnection, name, _ForwardMethod(attr))
-            # static/class methods and class constants are inherited as they are
+                forwarder = _forward(name, attr.__doc__, False)
+            else:
+                continue  # static/class methods and class constants are inherited as they are
+            # A name that object defines would not raise on _ENDED (none is forwarded).
+            if hasattr(_LeaseEnded, name):
+                raise AssertionError(f"cannot forward {name!r} to a leased connection")
+            setattr(LeasedConnection, name, forwarder)
 
 
 _generate_forwarders()
 
 
+_EXCLUSIVE, _SHARED, _LONG_LIVED = 0, 1, 2  # Borrow._mode: _SHARED | _LONG_LIVED bits
+
+_new_handle = _new_borrow = object.__new__
+
+
 @final
-class Borrow(Generic[C]):
-    """The async context manager returned by :meth:`Pool.borrow`. Single use."""
+class Borrow(Lease[C]):
+    """The async context manager returned by :meth:`Pool.borrow`. Single use.
 
-    __slots__ = (
-        "_handle",
-        "_holder",
-        "_lease",
-        "_long_lived",
-        "_pool",
-        "_scope",
-        "_shared",
-        "_timeout",
-        "_used",
-    )
+    On the shared hot path it is also the lease's record in the pool's core
+    (:meth:`PoolCore.share_into`): one object per borrow instead of two. Otherwise the
+    core makes the lease (``_lease``). Built by :meth:`Pool.borrow` without ``__init__``.
+    """
 
-    def __init__(
-        self,
-        pool: Pool[C],
-        timeout: float | None,
-        holder: _Holder,
-        long_lived: bool = False,
-        shared: bool = False,
-    ) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._holder = holder
-        self._long_lived = long_lived
-        self._shared = shared
-        self._lease: Lease[C] | None = None
-        self._scope: trio.CancelScope | None = None
-        self._handle: LeasedConnection | None = None
-        self._used = False
+    _pool: Pool[C]
+    _timeout: float | None
+    _mode: int  # _SHARED | _LONG_LIVED bits; -1 once entered
+    _lease: Lease[C] | None  # the lease during the block (self on the hot path)
+    _conn: Any  # what its LeasedConnection forwards to: the connection, then _ENDED
+    _scope: trio.CancelScope | None
 
     def __await__(self) -> NoReturn:
         raise TypeError(
@@ -352,65 +367,86 @@ class Borrow(Generic[C]):
         )
 
     async def __aenter__(self) -> C:
-        if self._used:
+        mode = self._mode
+        if mode < 0:
             raise RuntimeError("a pool.borrow() context manager can only be entered once")
-        self._used = True
+        self._mode = -1
         pool = self._pool
-        if self._shared:
+        lease: Lease[C]
+        if mode & _SHARED:
             await checkpoint_if_cancelled()
             core = pool._core
-            lease = core.share_now(trio.current_time(), self._holder)
-            if lease is None:
-                lease = await pool._acquire(self._timeout, self._holder, True)
+            if not core.share_into(pool._clock.current_time(), self):
+                lease = await pool._acquire(self._timeout, self.holder, True)
             else:
+                lease = self
                 # The multiplexed hot path: a cancel point on every call (above), a
                 # schedule point every BORROW_YIELD_EVERY calls, as publish does.
-                hk = pool._hk_scope
-                if hk is not None and core.wake_at < hk.deadline:
-                    hk.deadline = core.wake_at
-                pool._since_yield += 1
-                if pool._since_yield >= BORROW_YIELD_EVERY:
+                if core.wake_at < pool._hk_deadline:
+                    pool._wake_housekeeper()
+                since = pool._since_yield + 1
+                if since < BORROW_YIELD_EVERY:
+                    pool._since_yield = since
+                else:
                     pool._since_yield = 0
                     await cancel_shielded_checkpoint()
         else:
-            lease = await pool._acquire(self._timeout, self._holder, False)
+            lease = await pool._acquire(self._timeout, self.holder, False)
         # No checkpoint from here to the return: the lease cannot be lost to a cancel.
         self._lease = lease
-        if self._long_lived:
+        if mode & _LONG_LIVED:
             pool._core.exempt_from_leak_detection(lease)
         if pool._cancellable_leases:
             scope = trio.CancelScope()
             scope.__enter__()
             lease.token = scope
             self._scope = scope
-        conn = lease.conn
-        wrap = pool._wrap
-        if wrap is not None:
-            handle = wrap(conn)
-            self._handle = handle
-            return handle  # type: ignore[return-value]  # C is Connection when wrapping
-        return conn
+        else:
+            self._scope = None
+        if pool._handles:
+            self._conn = lease.conn
+            # LeasedConnection(self) without the __init__ call
+            handle: LeasedConnection = _new_handle(LeasedConnection)
+            _set_borrow(handle, self)
+            return handle  # type: ignore[return-value]  # C is Connection with handles
+        return lease.conn
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        lease = self._lease
-        assert lease is not None
-        self._lease = None
-        handle = self._handle
-        if handle is not None:
-            self._handle = None
-            handle._end_lease()
-        scope = self._scope
-        if scope is None:
-            if exc is None and lease.shared and self._pool._core.unshare_now(lease):
-                return False  # the hot path: other shared leases still on the connection
+    ) -> Awaitable[None]:
+        # Not a coroutine function: the exit never waits, so it does its work here and
+        # returns an awaitable that is done already (a coroutine would cost more than
+        # the shared hot path's whole exit).
+        lease: Lease[C] | None = self._lease
+        if lease is None:
+            raise RuntimeError("a pool.borrow() context manager exited without a lease")
+        self._lease = None  # no cycle (through itself, or a frame that holds this Borrow)
+        self._conn = _ENDED  # its handle's every attribute raises from now on
+        if self._scope is None:
+            if exc is None and self._pool._core.unshare_now(lease):
+                self.holder = None  # no cycle: frame -> handle -> this Borrow -> frame
+                return _DONE  # the hot path: other shared leases still on the connection
             self._pool._release(lease, exc is not None and _is_suspect(exc))
-            return False
-        self._scope = None
+            self.holder = None
+            return _DONE
+        try:
+            self._exit_scope(lease, exc_type, exc, tb)
+        finally:
+            self.holder = None
+        return _DONE
+
+    def _exit_scope(
+        self,
+        lease: Lease[C],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope = self._scope
+        assert scope is not None
         try:
             # CancelScope.__exit__ returns True also when there was nothing to swallow.
             swallowed = bool(scope.__exit__(exc_type, exc, tb)) and exc is not None
@@ -427,7 +463,17 @@ class Borrow(Generic[C]):
             raise PoolClosedError(
                 "the pool closed while the connection was borrowed; the block was cancelled"
             )
-        return False
+
+
+@final
+class _Done:
+    """An awaitable that is complete: awaiting it returns None at once, in C."""
+
+    __slots__ = ()
+    __await__ = ().__iter__
+
+
+_DONE: Awaitable[None] = _Done()  # type: ignore[assignment]
 
 
 @final
@@ -444,7 +490,7 @@ class Pool(Generic[C]):
         dial: Callable[[str], Awaitable[C]],
         rng: random.Random | None,
         nursery: trio.Nursery,
-        wrap: Callable[[C], LeasedConnection] | None = None,
+        handles: bool = False,
         discover: Callable[[C], list[str]] | None = None,
     ) -> None:
         self._config = config
@@ -452,10 +498,13 @@ class Pool(Generic[C]):
         self._known = {(u.host.lower(), u.port) for u in config.servers}
         self._discover = discover if config.discover_servers else None
         self._dial = dial
-        self._wrap = wrap
-        self._core: PoolCore[C] = PoolCore(config, is_healthy=_is_healthy, rng=rng)
+        self._handles = handles  # borrowers get a LeasedConnection, not the connection
+        healthy: Callable[[Any], bool] = _is_healthy_connection if handles else _is_healthy
+        self._core: PoolCore[C] = PoolCore(config, is_healthy=healthy, rng=rng)
         self._nursery = nursery
         self._hk_scope: trio.CancelScope | None = None
+        self._hk_deadline = -math.inf  # the housekeeper's deadline (inf: none; -inf: busy)
+        self._clock = trio.lowlevel.current_clock()
         # Each borrow block runs in a cancel scope only when the pool may cancel it.
         self._cancellable_leases = config.leak_action == "cancel"
         self._all_back: trio.Event | None = None
@@ -522,14 +571,33 @@ class Pool(Generic[C]):
             LeaseExpiredError: with ``leak_action="cancel"``, the block held the connection
                 longer than ``leak_timeout`` and was cancelled.
         """
-        if type(timeout) is not float or not 0.0 < timeout < math.inf:
+        seconds: Any = timeout
+        kind = type(seconds)
+        # A float or an int (not a bool) in range is taken as it is; anything else is
+        # checked (and a large float converted) the long way.
+        if not ((kind is float or kind is int) and 0 < seconds < _SECONDS_MAX):
             timeout = check_seconds("timeout", timeout, allow_none=True)
-        if long_lived is not False:
-            check_bool("long_lived", long_lived)
-        if shared is not False:
-            check_bool("shared", shared)
+        flag: Any = shared
+        if flag is True:
+            mode = _SHARED
+        elif flag is False:
+            mode = _EXCLUSIVE
+        else:
+            mode = check_bool("shared", shared)  # raises: not a bool
+        flag = long_lived
+        if flag is not False:
+            if flag is not True:
+                check_bool("long_lived", long_lived)  # raises: not a bool
+            mode |= _LONG_LIVED
         frame = sys._getframe(1)
-        return Borrow(self, timeout, (current_task(), frame, frame.f_lineno), long_lived, shared)
+        # Borrow(self, timeout, holder, mode) without the __init__ call
+        borrow: Borrow[C] = _new_borrow(Borrow)
+        borrow._pool = self
+        borrow._timeout = timeout
+        borrow.holder = (frame, frame.f_lasti)
+        borrow._mode = mode
+        borrow._lease = None
+        return borrow
 
     # -- acquiring ---------------------------------------------------------------------
     async def _acquire(self, timeout: float | None, holder: _Holder, shared: bool) -> Lease[C]:
@@ -639,7 +707,7 @@ class Pool(Generic[C]):
     def _release(self, lease: Lease[C], suspect: bool) -> None:
         core = self._core
         if lease.leak_reported and not lease.detached:
-            name, stack = _describe(lease.holder)
+            name, stack = _describe(lease.holder, current_task())  # the holder returns it
             log.warning(
                 "leaked %s to %s returned after %.3f s by task %r; it was borrowed at:\n%s",
                 "shared lease on a connection" if lease.shared else "connection",
@@ -667,9 +735,8 @@ class Pool(Generic[C]):
             core.new_leaks.clear()
             for lease in leaks:
                 self._report_leak(lease)
-        hk = self._hk_scope
-        if hk is not None and core.wake_at < hk.deadline:
-            hk.deadline = core.wake_at
+        if core.wake_at < self._hk_deadline:
+            self._wake_housekeeper()
         if (
             self._all_back is not None
             and not core.borrowed
@@ -714,15 +781,24 @@ class Pool(Generic[C]):
                     nursery.start_soon(close_one, conn, reason)
 
     # -- background ----------------------------------------------------------------------
+    def _wake_housekeeper(self) -> None:
+        """Bring the housekeeper's deadline forward to ``core.wake_at`` (which is earlier)."""
+        hk = self._hk_scope
+        if hk is not None:
+            hk.deadline = self._hk_deadline = self._core.wake_at
+
     async def _housekeeper(self, *, task_status: trio.TaskStatus[None]) -> None:
         core = self._core
         task_status.started()
         while True:
             core.wake_at = math.inf
-            with trio.CancelScope(deadline=core.next_deadline()) as scope:
+            deadline = core.next_deadline()
+            with trio.CancelScope(deadline=deadline) as scope:
                 self._hk_scope = scope
+                self._hk_deadline = deadline
                 await trio.sleep_forever()
             self._hk_scope = None
+            self._hk_deadline = -math.inf  # running: it reads the core's state itself
             core.tick(trio.current_time())
             self._drain()
 
@@ -774,12 +850,12 @@ async def _run_pool(
     config: PoolConfig,
     dial: Callable[[str], Awaitable[C]],
     rng: random.Random | None,
-    wrap: Callable[[C], LeasedConnection] | None = None,
+    handles: bool = False,
     discover: Callable[[C], list[str]] | None = None,
 ) -> AsyncIterator[Pool[C]]:
     try:
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, dial, rng, nursery, wrap, discover)
+            pool = Pool(config, dial, rng, nursery, handles, discover)
             await nursery.start(pool._housekeeper)
             try:
                 yield pool
@@ -893,6 +969,6 @@ async def _run_real_pool(
 
     async with (
         _bridge.loop_scope(),
-        _run_pool(config, dial, rng, LeasedConnection, discover) as pool,
+        _run_pool(config, dial, rng, True, discover) as pool,
     ):
         yield pool

@@ -63,6 +63,12 @@ __all__ = [
 
 C = TypeVar("C")
 
+_new_lease = object.__new__
+
+
+def _borrowed_at(lease: Lease[Any]) -> float:
+    return lease.borrowed_at
+
 
 class CloseReason(enum.Enum):
     """Why the pool closed a connection."""
@@ -203,7 +209,6 @@ class _Entry(Generic[C]):
         return self.id < other.id
 
 
-@final
 class Lease(Generic[C]):
     """A borrowed connection. Owned by the borrower until released.
 
@@ -222,46 +227,36 @@ class Lease(Generic[C]):
         detached: True when the pool gave up waiting for it at shutdown and closed the
             connection itself; releasing it later is then a no-op.
         token: free for the async layer (its cancel scope).
+
+    No ``__slots__`` on purpose: the fields below that have a default are class
+    attributes until a lease changes one, so the shared hot path
+    (:meth:`PoolCore.share_into`) fills a lease with three stores. The async layer's
+    ``Borrow`` is a subclass: on that path it is its own lease.
     """
 
-    __slots__ = (
-        "_entry",
-        "borrowed_at",
-        "detached",
-        "holder",
-        "id",
-        "leak_reported",
-        "released",
-        "reused",
-        "revoked",
-        "shared",
-        "token",
-    )
+    conn: C
+    borrowed_at: float
+    holder: Any
+    _entry: _Entry[C]
+    reused: bool = True
+    shared: bool = True
+    leak_reported: bool = False
+    revoked: str | None = None
+    detached: bool = False
+    released: bool = False
+    token: Any = None
 
     def __init__(
-        self,
-        id: int,
-        entry: _Entry[C],
-        now: float,
-        reused: bool,
-        holder: Any,
-        shared: bool = False,
+        self, entry: _Entry[C], now: float, reused: bool, holder: Any, shared: bool = False
     ) -> None:
-        self.id = id
         self._entry = entry
+        self.conn = entry.conn
         self.borrowed_at = now
-        self.reused = reused
-        self.shared = shared
         self.holder = holder
-        self.leak_reported = False
-        self.revoked: str | None = None
-        self.detached = False
-        self.released = False
-        self.token: Any = None
-
-    @property
-    def conn(self) -> C:
-        return self._entry.conn
+        if not reused:
+            self.reused = False
+        if not shared:
+            self.shared = False
 
     @property
     def server(self) -> int:
@@ -337,7 +332,6 @@ class _Server(Generic[C]):
         "idle",
         "retry_at",
         "shared",
-        "shared_leases",
         "url",
     )
 
@@ -347,7 +341,6 @@ class _Server(Generic[C]):
         self.borrowed = 0
         self.dialing = 0
         self.shared = 0  # connections in shared service (retired ones included)
-        self.shared_leases = 0
         self.failures = 0
         self.retry_at = -math.inf
 
@@ -388,8 +381,11 @@ class PoolCore(Generic[C]):
         cap = config.shared_leases_per_connection
         self._share_cap = cap if cap is not None else -1
         self._ids = itertools.count(1)
-        self._leases: dict[int, Lease[C]] = {}  # lent out (exclusive and shared), in order
-        self._unreported: dict[int, Lease[C]] = {}  # lent out, not yet reported as leaks
+        # Every lease lent out (exclusive and shared) is in exactly one of these two
+        # insertion-ordered sets: the leak scan looks at the head of the first only.
+        self._unreported: dict[Lease[C], None] = {}  # borrow order; may still leak
+        self._quiet: dict[Lease[C], None] = {}  # reported as a leak, or exempt
+        self._leak_timeout = config.leak_timeout
         self._tickets: dict[int, DialTicket] = {}
         self._waiters: deque[Waiter] = deque()
         self._waiting_shared = 0  # shared waiters in _waiters
@@ -408,7 +404,6 @@ class PoolCore(Generic[C]):
         self._borrowed_total = 0
         self._dialing_total = 0
         self._shared_dialing = 0
-        self._shared_leases_total = 0
         self.shared_borrows = 0
         self.created = 0
         self.reused = 0
@@ -436,7 +431,7 @@ class PoolCore(Generic[C]):
     @property
     def shared_leases(self) -> int:
         """Shared leases open."""
-        return self._shared_leases_total
+        return sum(e.shares for e in self._shared) + sum(e.shares for e in self._retired.values())
 
     @property
     def dialing(self) -> int:
@@ -452,7 +447,7 @@ class PoolCore(Generic[C]):
 
     def leases(self) -> list[Lease[C]]:
         """The leases lent out now (exclusive and shared), oldest first."""
-        return list(self._leases.values())
+        return sorted([*self._unreported, *self._quiet], key=_borrowed_at)
 
     def tickets(self) -> list[DialTicket]:
         """The dials in progress."""
@@ -478,8 +473,8 @@ class PoolCore(Generic[C]):
             heapq.heappop(expiry)
         deadline = expiry[0][0] if expiry else math.inf
         if self._unreported:
-            first = next(iter(self._unreported.values()))
-            deadline = min(deadline, first.borrowed_at + self.config.leak_timeout)
+            first = next(iter(self._unreported))
+            deadline = min(deadline, first.borrowed_at + self._leak_timeout)
         if self._waiters:
             for server in self._servers:
                 if server.retry_at > -math.inf:
@@ -487,6 +482,7 @@ class PoolCore(Generic[C]):
         return deadline
 
     def stats(self, now: float) -> PoolStats:
+        in_service = self._shared + list(self._retired.values())
         servers = tuple(
             ServerStats(
                 url=s.url,
@@ -497,9 +493,9 @@ class PoolCore(Generic[C]):
                 next_retry_at=s.retry_at if s.retry_at > now else None,
                 consecutive_failures=s.failures,
                 shared=s.shared,
-                shared_leases=s.shared_leases,
+                shared_leases=sum(e.shares for e in in_service if e.server == index),
             )
-            for s in self._servers
+            for index, s in enumerate(self._servers)
         )
         served = self.reused + self.created
         closed = self._closed
@@ -527,13 +523,15 @@ class PoolCore(Generic[C]):
             leaks_detected=self.leaks_detected,
             closing=self.closing,
             shared=len(self._shared) + len(self._retired),
-            shared_leases=self._shared_leases_total,
+            shared_leases=sum(e.shares for e in in_service),
             shared_borrows=self.shared_borrows,
         )
 
     def exempt_from_leak_detection(self, lease: Lease[C]) -> None:
         """A lease meant to be held for long (a subscriber's connection) is never a leak."""
-        self._unreported.pop(lease.id, None)
+        if lease in self._unreported:
+            del self._unreported[lease]
+            self._quiet[lease] = None
 
     # -- internals -----------------------------------------------------------------------
     def _close(self, entry: _Entry[C], reason: CloseReason) -> None:
@@ -542,14 +540,13 @@ class PoolCore(Generic[C]):
         self.to_close.append((entry.conn, reason))
 
     def _register(self, lease: Lease[C], now: float) -> None:
-        self._leases[lease.id] = lease
-        self._unreported[lease.id] = lease
-        leak_at = now + self.config.leak_timeout
+        self._unreported[lease] = None
+        leak_at = now + self._leak_timeout
         if leak_at < self.wake_at:
             self.wake_at = leak_at
 
     def _lend(self, entry: _Entry[C], now: float, reused: bool, holder: Any) -> Lease[C]:
-        lease = Lease(next(self._ids), entry, now, reused, holder)
+        lease = Lease(entry, now, reused, holder)
         self._register(lease, now)
         self._servers[entry.server].borrowed += 1
         self._borrowed_total += 1
@@ -564,10 +561,8 @@ class PoolCore(Generic[C]):
             self._shared.append(entry)
             server.shared += 1
         entry.shares += 1
-        server.shared_leases += 1
-        self._shared_leases_total += 1
         self.shared_borrows += 1
-        lease = Lease(next(self._ids), entry, now, reused, holder, True)
+        lease = Lease(entry, now, reused, holder, True)
         self._register(lease, now)
         if reused:
             self.reused += 1
@@ -778,9 +773,18 @@ class PoolCore(Generic[C]):
         """The hot path of ``request(shared=True)``: a shared lease on the one connection
         in shared service when it can take it as it is, else None (then call
         :meth:`request`). Never queues, dials, retires or closes anything."""
+        lease: Lease[C] = _new_lease(Lease)
+        lease.holder = holder
+        return lease if self.share_into(now, lease) else None
+
+    def share_into(self, now: float, lease: Lease[C]) -> bool:
+        """:meth:`share_now` into a record the caller made: ``lease`` is a :class:`Lease`
+        (or subclass) never lent before, with its ``holder`` set and the other fields at
+        their class defaults. True: it is now a shared lease (``conn``, ``borrowed_at``
+        set); False: nothing changed (then call :meth:`request`)."""
         shared = self._shared
         if len(shared) != 1 or self._waiting_shared or self.closing:
-            return None
+            return False
         entry = shared[0]
         shares = entry.shares
         if (
@@ -789,39 +793,33 @@ class PoolCore(Generic[C]):
             or self._servers[entry.server].retry_at > now
             or not self._healthy(entry.conn)
         ):
-            return None
+            return False
         entry.shares = shares + 1
-        self._servers[entry.server].shared_leases += 1
-        self._shared_leases_total += 1
         self.shared_borrows += 1
         self.reused += 1
-        lease = Lease(next(self._ids), entry, now, True, holder, True)
-        self._leases[lease.id] = lease
-        self._unreported[lease.id] = lease
-        leak_at = now + self.config.leak_timeout
+        lease._entry = entry
+        lease.conn = entry.conn
+        lease.borrowed_at = now
+        self._unreported[lease] = None
+        leak_at = now + self._leak_timeout
         if leak_at < self.wake_at:
             self.wake_at = leak_at
-        return lease
+        return True
 
     def unshare_now(self, lease: Lease[C]) -> bool:
         """The hot path of :meth:`release` for a shared lease (not suspect) that is not the
         last on its connection, with no shared borrower waiting: True when done, False
         (nothing changed) when :meth:`release` must do it."""
         entry = lease._entry
-        if (
-            entry.shares < 2
-            or self._waiting_shared
-            or lease.released
-            or lease.detached
-            or lease.leak_reported
-        ):
+        if entry.shares < 2 or self._waiting_shared:  # (0 for an exclusive lease)
+            return False
+        try:
+            # Only a lease still open and neither reported as a leak nor exempt is here.
+            del self._unreported[lease]
+        except KeyError:
             return False
         lease.released = True
-        del self._leases[lease.id]
-        self._unreported.pop(lease.id, None)
         entry.shares -= 1
-        self._servers[entry.server].shared_leases -= 1
-        self._shared_leases_total -= 1
         return True
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
@@ -926,13 +924,13 @@ class PoolCore(Generic[C]):
         lease.released = True
         if lease.detached:
             return
-        del self._leases[lease.id]
-        self._unreported.pop(lease.id, None)
+        try:
+            del self._unreported[lease]
+        except KeyError:
+            del self._quiet[lease]
         entry = lease._entry
         server = self._servers[entry.server]
         if lease.shared:
-            server.shared_leases -= 1
-            self._shared_leases_total -= 1
             if suspect:
                 self._retire(entry, CloseReason.UNHEALTHY)
             entry.shares -= 1
@@ -1000,13 +998,14 @@ class PoolCore(Generic[C]):
                 self._idle_total -= 1
                 self._close(entry, CloseReason.EXPIRED)
                 retired = True
-        leak_timeout = self.config.leak_timeout
+        leak_timeout = self._leak_timeout
         unreported = self._unreported
         while unreported:
-            lease = next(iter(unreported.values()))
+            lease = next(iter(unreported))
             if lease.borrowed_at + leak_timeout > now:
                 break
-            del unreported[lease.id]
+            del unreported[lease]
+            self._quiet[lease] = None
             lease.leak_reported = True
             self.leaks_detected += 1
             self.new_leaks.append(lease)
@@ -1038,15 +1037,14 @@ class PoolCore(Generic[C]):
 
     def detach_all(self) -> None:
         """Give up on the leases still out: close their connections now (shutdown)."""
-        for lease in list(self._leases.values()):
-            del self._leases[lease.id]
-            self._unreported.pop(lease.id, None)
+        leases = self.leases()
+        self._unreported.clear()
+        self._quiet.clear()
+        for lease in leases:
             lease.detached = True
             entry = lease._entry
             server = self._servers[entry.server]
             if lease.shared:
-                server.shared_leases -= 1
-                self._shared_leases_total -= 1
                 entry.shares -= 1
                 if entry.shares:
                     continue
@@ -1065,12 +1063,17 @@ class PoolCore(Generic[C]):
         idle = sum(len(s.idle) for s in self._servers)
         borrowed = sum(s.borrowed for s in self._servers)
         dialing = sum(s.dialing for s in self._servers)
-        shared_leases = sum(s.shared_leases for s in self._servers)
         assert idle == self._idle_total, (idle, self._idle_total)
-        exclusive = [le for le in self._leases.values() if not le.shared]
+        assert not self._unreported.keys() & self._quiet.keys()
+        leases = self.leases()
+        for lease in leases:
+            assert not lease.released
+            assert not lease.detached
+            if lease.leak_reported:
+                assert lease in self._quiet
+            assert lease.conn is lease._entry.conn
+        exclusive = [le for le in leases if not le.shared]
         assert borrowed == self._borrowed_total == len(exclusive)
-        assert shared_leases == self._shared_leases_total
-        assert shared_leases == len(self._leases) - len(exclusive)
         assert dialing == self._dialing_total == len(self._tickets)
         assert self._shared_dialing == sum(t.shared for t in self._tickets.values())
         assert self._waiting_shared == sum(w.shared for w in self._waiters)
@@ -1094,7 +1097,7 @@ class PoolCore(Generic[C]):
             assert lease._entry.id not in seen
             seen.add(lease._entry.id)
         shares: dict[int, int] = {}
-        for lease in self._leases.values():
+        for lease in leases:
             if lease.shared:
                 shares[lease._entry.id] = shares.get(lease._entry.id, 0) + 1
         for entry in in_service:
