@@ -1647,10 +1647,10 @@ if __name__ == "__main__":  # a child process: raw nats-py, or trionats with --t
     _scenario, _url, _count, _size, _conc = sys.argv[1:6]
     if _url == _URL_FROM_ENV:
         _url = os.environ[URL_ENV]
+    _args = (_scenario, _url, int(_count), int(_size), int(_conc))
     if _loop == "trio":
         import trio
 
-        _args = (_scenario, _url, int(_count), int(_size), int(_conc))
         print(json.dumps(trio.run(trionats_scenario, *_args)))
     else:
-        print(json.dumps(raw_scenario(_scenario, _url, int(_count), int(_size), int(_conc), _loop)))
+        print(json.dumps(raw_scenario(*_args, _loop)))

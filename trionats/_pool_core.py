@@ -221,7 +221,8 @@ class Lease(Generic[C]):
         reused: True if the connection already existed (False: freshly dialed).
         shared: True for a shared lease (``borrow(shared=True)``): other shared leases
             may be on the same connection at the same time.
-        holder: opaque information about the borrower (the async layer's task + frame).
+        holder: opaque information about the borrower (the async layer's borrow site:
+            the calling frame and its instruction offset).
         leak_reported: True once reported as a leak.
         revoked: set by the async layer when it cancels the holder (leak or shutdown).
         detached: True when the pool gave up waiting for it at shutdown and closed the
