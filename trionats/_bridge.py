@@ -1,4 +1,5 @@
-"""The adapter: the only module that imports asyncio, trio_asyncio or nats.
+"""The adapter: with its protocol parser (``_wire``), the only modules that import
+asyncio, trio_asyncio or nats.
 
 Layering: ``_pool``/``_subscriber`` -> ``_connection`` -> ``_bridge`` -> nats-py (asyncio).
 ``import trionats`` does not import this module (importing trio_asyncio swaps asyncio's
@@ -15,7 +16,11 @@ connection, by :func:`check_internals`, so an upgrade fails loudly, not silently
   completes unless ``done()``), ``_pongs``, ``_status`` and the status constants,
   ``_max_payload``, ``stats``, ``options``;
 * ``nats.protocol.command.pub_cmd`` / ``hpub_cmd`` build the protocol commands;
-* ``Client.msg_class`` builds every delivered message;
+* ``Client.msg_class`` builds every message nats-py's parser delivers; ``Client._ps`` is
+  the parser ``_read_loop`` feeds (replaced by ``_wire.FastParser``, a subclass of
+  ``nats.protocol.parser.Parser`` relying on its ``buf``, ``state``, ``reset`` and
+  ``parse``), and ``_process_msg``'s handling of ``stats``, ``_subs``, ``_received``,
+  ``_max_msgs``, ``_jsi`` and ``_future``, which the fast path repeats;
 * a subscription without a callback hands messages to ``sub._pending_queue.put_nowait``
   from the read loop, so a Trio object with that method receives them synchronously;
   ``Client._remove_sub`` and ``_send_unsubscribe`` end one;
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import heapq
 import inspect
 import logging
@@ -61,6 +67,7 @@ from nats.protocol.command import pub_cmd as _pub_cmd
 
 from . import _errors
 from ._validate import redact
+from ._wire import FastParser
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Coroutine
@@ -763,9 +770,17 @@ def connect_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k != "skip_subject_validation"}
 
 
-def install_msg_factory(client: NatsClient, factory: Callable[..., Any]) -> None:
-    """Every delivered message is built by ``factory`` (nats-py's ``msg_class``)."""
-    client.msg_class = factory  # type: ignore[assignment]  # called like the class
+def install_msg_factory(
+    client: NatsClient, msg_type: Callable[..., Any], conn: Any, sinks: tuple[type, ...]
+) -> None:
+    """Every delivered message is ``msg_type(conn, subject, reply, data, headers)``.
+
+    nats-py's ``msg_class`` builds them where nats-py's parser delivers; the client's
+    parser becomes a :class:`~trionats._wire.FastParser`, which builds and hands over a
+    plain MSG to a pending queue of one of the ``sinks`` types itself (see ``_wire``).
+    """
+    client.msg_class = functools.partial(msg_type, conn)  # type: ignore[assignment]
+    client._ps = FastParser(client, msg_type, conn, sinks)
 
 
 def set_reconnect_options(
@@ -856,6 +871,7 @@ def check_internals() -> None:
         import nats.aio.subscription
         import nats.aio.transport
         import nats.protocol.command
+        import nats.protocol.parser
         import trio_asyncio._base
 
         missing: list[str] = []
@@ -929,6 +945,18 @@ def check_internals() -> None:
             "_pending_queue put_nowait _pending_bytes_limit _build_message",
         )
         uses("Client._build_message", getattr(client_cls, "_build_message", None), "msg_class")
+        # The fast parser (_wire.FastParser) repeats _process_msg's plain case.
+        uses(
+            "Client._process_msg",
+            getattr(client_cls, "_process_msg", None),
+            "stats _subs _received _max_msgs _jsi _future",
+        )
+        uses("Client._read_loop", getattr(client_cls, "_read_loop", None), "_ps parse")
+        parser_mod: Any = getattr(nats.protocol, "parser", None)
+        has("nats.protocol.parser", parser_mod, "Parser AWAITING_CONTROL_LINE")
+        parser_cls: Any = getattr(parser_mod, "Parser", None)
+        if parser_cls is not None:
+            has("Parser()", parser_cls(), "buf state reset parse")
         uses(
             "Client._flusher",
             getattr(client_cls, "_flusher", None),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import ssl
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,8 @@ from . import _errors
 from ._connection import Connection, _bridge
 from ._msg import Msg
 from ._otel import tracer_for
+from ._request import _ReplyRouter
+from ._subscription import Subscription
 from ._validate import (
     check_auth_options,
     check_bool,
@@ -96,7 +97,7 @@ async def connect(
     client = bridge.new_client()
     conn = Connection(client, name=name, close_timeout=close_timeout, servers=server_list)
     conn._tracer = tracer
-    bridge.install_msg_factory(client, functools.partial(Msg, conn))
+    bridge.install_msg_factory(client, Msg, conn, (Subscription, _ReplyRouter))
     errors: list[BaseException] = []
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
     fatal = False
