@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import TrionatsError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from ._jetstream import JsMsg
     from ._msg import Msg
@@ -147,7 +147,13 @@ def _latency_figures(rate: float, latencies: list[float]) -> dict[str, float]:
 
 # --------------------------------------------------------------- raw nats-py (child) --
 def raw_scenario(
-    scenario: str, url: str, count: int, size: int, concurrency: int, loop: str = "asyncio"
+    scenario: str,
+    url: str,
+    count: int,
+    size: int,
+    concurrency: int,
+    loop: str = "asyncio",
+    turns: bool = False,
 ) -> dict[str, Any]:
     """The raw nats-py side: what a user of nats-py on plain asyncio would write.
 
@@ -159,7 +165,7 @@ def raw_scenario(
     import nats
 
     if scenario in LATENCY_SCENARIOS:
-        return asyncio.run(_raw_latency(scenario, url, count, size))
+        return _asyncio_run(_raw_latency(scenario, url, count, size, turns), loop)
     payload = b"x" * size
 
     async def subscribed(subc: Any, pub: Any) -> None:
@@ -459,20 +465,23 @@ def _asyncio_run(coro: Coroutine[Any, Any, dict[str, Any]], loop: str) -> dict[s
     return asyncio.run(coro)
 
 
-async def _raw_latency(scenario: str, url: str, count: int, size: int) -> dict[str, Any]:
+async def _raw_latency(
+    scenario: str, url: str, count: int, size: int, turns: bool = False
+) -> dict[str, Any]:
     """Raw nats-py, one operation at a time: sequential requests, or publish + flush +
-    wait for the subscriber's callback before the next publish."""
+    wait for the subscriber's callback before the next publish. With ``turns``, the
+    operations come in blocks the parent asks for on stdin (see :func:`_turns`)."""
     import asyncio
 
     import nats
     import nats.errors
 
     payload = b"x" * size
-    first = await nats.connect(url)
-    nc = await nats.connect(url)
-    latencies: list[float] = []
     perf = time.perf_counter
-    async with asyncio.timeout(300):
+    got = asyncio.Event()
+    async with asyncio.timeout(300):  # connect, route, warm up
+        first = await nats.connect(url)
+        nc = await nats.connect(url)
         if scenario == "latency_request":
 
             async def respond(msg: Any) -> None:
@@ -486,13 +495,13 @@ async def _raw_latency(scenario: str, url: str, count: int, size: int) -> dict[s
                     break
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                     await asyncio.sleep(0.01)
-            for i in range(LATENCY_WARMUP + count):
+
+            async def once() -> float:
                 t = perf()
                 await nc.request("bench.lreq", payload, timeout=10)
-                if i >= LATENCY_WARMUP:
-                    latencies.append(perf() - t)
+                return perf() - t
+
         else:
-            got = asyncio.Event()
 
             async def on_msg(msg: Any) -> None:
                 got.set()
@@ -505,31 +514,53 @@ async def _raw_latency(scenario: str, url: str, count: int, size: int) -> dict[s
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(got.wait(), 0.05)
             await asyncio.sleep(0.1)  # let stray probes arrive
-            for i in range(LATENCY_WARMUP + count):
+
+            async def once() -> float:
                 got.clear()
                 t = perf()
                 await nc.publish("bench.lps", payload)
                 await nc.flush()
                 await got.wait()
-                if i >= LATENCY_WARMUP:
-                    latencies.append(perf() - t)
-    total = sum(latencies)
+                return perf() - t
+
+        for _ in range(LATENCY_WARMUP):
+            await once()
+    latencies: list[float] = []
+    if turns:
+        loop = asyncio.get_running_loop()
+        await _turns(once, lambda: loop.run_in_executor(None, sys.stdin.readline))
+    else:
+        async with asyncio.timeout(300):
+            latencies = [await once() for _ in range(count)]
     await nc.close()
     await first.close()
-    return _latency_figures(len(latencies) / total, latencies)
+    return _latency_figures(len(latencies) / sum(latencies), latencies) if latencies else {}
+
+
+async def _turns(once: Callable[[], Awaitable[float]], readline: Callable[[], Any]) -> None:
+    """A latency child taking turns with the other sides (:func:`_run_turns`): says
+    ``ready``, then for each line ``N`` on stdin runs ``N`` operations and prints their
+    latencies as one JSON line; stops at ``quit`` or end of input."""
+    print("ready", flush=True)
+    while True:
+        line = (await readline()).strip()
+        if not line.isdigit():
+            return
+        print(json.dumps([await once() for _ in range(int(line))]), flush=True)
 
 
 # ---------------------------------------------------------------------- trionats --
 async def trionats_scenario(
-    scenario: str, url: str, count: int, size: int, concurrency: int
+    scenario: str, url: str, count: int, size: int, concurrency: int, turns: bool = False
 ) -> dict[str, Any]:
-    """The same workload written the natural Trio way with trionats."""
+    """The same workload written the natural Trio way with trionats (``turns``: a latency
+    scenario's operations in the blocks the parent asks for, see :func:`_run_turns`)."""
     import trio
 
     from ._connect import open_connection
 
     if scenario in LATENCY_SCENARIOS:
-        return await _trionats_latency(scenario, url, count, size)
+        return await _trionats_latency(scenario, url, count, size, turns)
     payload = b"x" * size
 
     if scenario == "publish":
@@ -633,7 +664,9 @@ async def trionats_scenario(
         return _latency_figures(len(latencies) / dt, latencies)
 
 
-async def _trionats_latency(scenario: str, url: str, count: int, size: int) -> dict[str, Any]:
+async def _trionats_latency(
+    scenario: str, url: str, count: int, size: int, turns: bool = False
+) -> dict[str, Any]:
     """trionats, one operation at a time (the same workload as :func:`_raw_latency`)."""
     import trio
 
@@ -645,41 +678,51 @@ async def _trionats_latency(scenario: str, url: str, count: int, size: int) -> d
     latencies: list[float] = []
     perf = time.perf_counter
     subject = "bench.lreq" if scenario == "latency_request" else "bench.lps"
-    with trio.fail_after(300):
-        async with (
-            open_connection(url) as first,
-            open_connection(url) as nc,
-            first.subscribe(subject) as sub,
-            trio.open_nursery() as nursery,
-        ):
-            if scenario == "latency_request":
+    async with (
+        open_connection(url) as first,
+        open_connection(url) as nc,
+        first.subscribe(subject) as sub,
+        trio.open_nursery() as nursery,
+    ):
+        if scenario == "latency_request":
 
-                async def respond() -> None:
-                    async for msg in sub:
-                        await msg.respond(msg.data)
+            async def respond() -> None:
+                async for msg in sub:
+                    await msg.respond(msg.data)
 
-                nursery.start_soon(respond)
+            nursery.start_soon(respond)
+            with trio.fail_after(300):
                 while True:  # the subscribe block waited for the server: at most a retry
                     try:
                         await nc.request(subject, payload, timeout=0.5)
                         break
                     except (NoRespondersError, NatsTimeoutError):
                         await trio.sleep(0.01)
-                for i in range(LATENCY_WARMUP + count):
-                    t = perf()
-                    await nc.request(subject, payload, timeout=10)
-                    if i >= LATENCY_WARMUP:
-                        latencies.append(perf() - t)
-            else:
-                for i in range(LATENCY_WARMUP + count):
-                    t = perf()
-                    await nc.publish(subject, payload)
-                    await nc.flush()
-                    await sub.next_msg()
-                    if i >= LATENCY_WARMUP:
-                        latencies.append(perf() - t)
-            nursery.cancel_scope.cancel()
-    return _latency_figures(len(latencies) / sum(latencies), latencies)
+
+            async def once() -> float:
+                t = perf()
+                await nc.request(subject, payload, timeout=10)
+                return perf() - t
+
+        else:
+
+            async def once() -> float:
+                t = perf()
+                await nc.publish(subject, payload)
+                await nc.flush()
+                await sub.next_msg()
+                return perf() - t
+
+        with trio.fail_after(300):
+            for _ in range(LATENCY_WARMUP):
+                await once()
+        if turns:
+            await _turns(once, lambda: trio.to_thread.run_sync(sys.stdin.readline))
+        else:
+            with trio.fail_after(300):
+                latencies = [await once() for _ in range(count)]
+        nursery.cancel_scope.cancel()
+    return _latency_figures(len(latencies) / sum(latencies), latencies) if latencies else {}
 
 
 async def _trionats_pool(
@@ -1008,6 +1051,9 @@ _URL_FROM_ENV = "-"  # the URL argument of a child that reads it from URL_ENV
 _PARENT_PIPE_FLAG = "--exit-when-stdin-closes"
 _UVLOOP_FLAG = "--uvloop"
 _TRIONATS_FLAG = "--trionats"  # the child runs the trionats side (trio.run) instead of raw
+_TURNS_FLAG = "--turns"  # a latency child taking turns (see _run_turns) instead of one run
+TURN_BLOCK = 100
+"""Operations per turn when the sides of a latency scenario take turns."""
 
 
 def _redact(text: str) -> str:
@@ -1084,8 +1130,127 @@ async def _run_child(
         ) from None
 
 
+class _Child:
+    """A latency child taking turns: its process, its stdout by lines, its stderr kept."""
+
+    def __init__(self, what: str, process: Any) -> None:
+        self.what = what
+        self.process = process
+        self.stderr = bytearray()
+        self._out = bytearray()
+
+    async def drain_stderr(self) -> None:
+        while chunk := await self.process.stderr.receive_some():
+            self.stderr += chunk
+            del self.stderr[:-4000]
+
+    async def line(self, timeout: float) -> str:
+        import trio
+
+        with trio.move_on_after(timeout):
+            while b"\n" not in self._out:
+                chunk = await self.process.stdout.receive_some()
+                if not chunk:
+                    break
+                self._out += chunk
+            else:
+                end = self._out.index(b"\n") + 1
+                text = self._out[:end].decode(errors="replace")
+                del self._out[:end]
+                return text
+            await self.process.wait()  # it closed its stdout: its stderr says why
+            raise BenchError(
+                _redact(
+                    f"{self.what} exited with status {self.process.returncode}:\n"
+                    f"{self.stderr.decode(errors='replace').rstrip() or '(no stderr)'}"
+                )
+            )
+        raise BenchError(f"{self.what} did not answer within {timeout:g} s")
+
+
+async def _run_turns(
+    commands: dict[str, list[str]],
+    count: int,
+    url: str,
+    what: str,
+    started: Callable[[str, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run a latency scenario's sides at the same time, taking turns.
+
+    Each side is a child started with ``turns`` (see :func:`_child_command`): it connects
+    and warms up, then runs :data:`TURN_BLOCK` operations each time it is asked, while
+    the others wait; the order of the sides alternates from one round to the next.
+    Every side thus sees the same machine over the same stretch of time, where one run
+    after the other would let a drift of the machine (other work, the server's own
+    housekeeping) land on one side only: on a shared machine the median of a 2,000
+    round-trip run moved by a third from one run to the next. Returns each side's
+    latency figures (as :func:`_latency_figures`), ``count`` operations each.
+
+    Raises:
+        BenchError: a child failed (its exit status and its stderr) or did not answer.
+    """
+    import subprocess
+
+    import trio
+
+    children: dict[str, _Child] = {}
+    latencies: dict[str, list[float]] = {side: [] for side in commands}
+    try:
+        async with trio.open_nursery() as nursery:
+            for side, command in commands.items():
+                process = await trio.lowlevel.open_process(
+                    command,
+                    env={**os.environ, URL_ENV: url},
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+                child = children[side] = _Child(f"{what}: {side} child", process)
+                nursery.start_soon(child.drain_stderr)
+                if started is not None:
+                    started(child.what, process.pid)
+            for child in children.values():
+                if (await child.line(300)).strip() != "ready":
+                    raise BenchError(f"{child.what} did not say it was ready")
+            order = list(children)
+            done = 0
+            while done < count:
+                n = min(TURN_BLOCK, count - done)
+                for side in order:
+                    child = children[side]
+                    await child.process.stdin.send_all(f"{n}\n".encode())
+                    latencies[side] += json.loads(await child.line(120))
+                done += n
+                order.reverse()
+            for child in children.values():
+                await child.process.stdin.send_all(b"quit\n")
+            for child in children.values():
+                with trio.fail_after(30):
+                    await child.process.wait()
+    except BaseExceptionGroup as group:  # the one level our nursery added
+        from ._errors import reraise_unwrapped
+
+        reraise_unwrapped(group, 1)
+    finally:
+        for child in children.values():
+            if child.process.returncode is None:
+                child.process.kill()
+                with trio.CancelScope(shield=True):
+                    await child.process.wait()
+    return {
+        side: _latency_figures(len(values) / sum(values), values)
+        for side, values in latencies.items()
+    }
+
+
 def _child_command(
-    scenario: str, url: str, count: int, size: int, concurrency: int, loop: str = "asyncio"
+    scenario: str,
+    url: str,
+    count: int,
+    size: int,
+    concurrency: int,
+    loop: str = "asyncio",
+    turns: bool = False,
 ) -> list[str]:
     # The URL (which may carry credentials) goes to the child in its environment, not in
     # its argv, which any user of the machine can read (ps, /proc/PID/cmdline).
@@ -1098,7 +1263,8 @@ def _child_command(
         str(count),
         str(size),
         str(concurrency),
-        _PARENT_PIPE_FLAG,
+        # A child taking turns reads its orders on stdin (and ends at its end-of-file).
+        _TURNS_FLAG if turns else _PARENT_PIPE_FLAG,
     ]
     if loop == "uvloop":
         command.append(_UVLOOP_FLAG)
@@ -1382,6 +1548,26 @@ async def run_bench(
     for rep in range(config.reps):
         for scenario in scenarios:
             n = counts[scenario]
+            if scenario in LATENCY_SCENARIOS:
+                loops = {"raw": "asyncio", "raw_uvloop": "uvloop", "trionats": "trio"}
+                turns = await _run_turns(
+                    {
+                        side: _child_command(
+                            scenario, url, n, config.size, config.concurrency, loop, turns=True
+                        )
+                        for side, loop in loops.items()
+                        if side in results[scenario]
+                    },
+                    n,
+                    url,
+                    f"{scenario}, rep {rep + 1}",
+                    started,
+                )
+                for side, figures in turns.items():
+                    results[scenario][side].append(figures)
+                    if progress:
+                        progress(scenario, rep, side)
+                continue
             for side, loop in (("raw", "asyncio"), ("raw_uvloop", "uvloop")):
                 if side not in results[scenario]:
                     continue
@@ -1657,6 +1843,9 @@ if __name__ == "__main__":  # a child process: raw nats-py, or trionats with --t
     elif _TRIONATS_FLAG in sys.argv:
         sys.argv.remove(_TRIONATS_FLAG)
         _loop = "trio"
+    _turns_mode = _TURNS_FLAG in sys.argv
+    if _turns_mode:
+        sys.argv.remove(_TURNS_FLAG)
     _scenario, _url, _count, _size, _conc = sys.argv[1:6]
     if _url == _URL_FROM_ENV:
         _url = os.environ[URL_ENV]
@@ -1664,6 +1853,8 @@ if __name__ == "__main__":  # a child process: raw nats-py, or trionats with --t
     if _loop == "trio":
         import trio
 
-        print(json.dumps(trio.run(trionats_scenario, *_args)))
+        _result = trio.run(functools.partial(trionats_scenario, *_args, turns=_turns_mode))
     else:
-        print(json.dumps(raw_scenario(*_args, _loop)))
+        _result = raw_scenario(*_args, _loop, _turns_mode)
+    if not _turns_mode:
+        print(json.dumps(_result))
