@@ -160,3 +160,17 @@ async def test_batched_loop_runs_callbacks_in_order_and_timers() -> None:
         with trio.fail_after(5):
             await fired.wait()
         assert order == list(range(500))
+
+
+def test_try_append_builds_the_pub_command_nats_py_builds() -> None:
+    """try_append builds PUB inline (no pub_cmd call): the same bytes as nats-py's."""
+    from trionats import _bridge
+
+    client = nats.aio.client.Client()
+    client._status = nats.aio.client.Client.CONNECTED
+    client._max_payload = 1024
+    cases = [("a", "", b""), ("a.b", "_INBOX.x", b"xy"), ("s", "", bytearray(b"\r\n"))]
+    for subject, reply, payload in cases:
+        client._pending = []
+        assert _bridge.try_append(client, subject, reply, payload, None, False) == _bridge.APPENDED
+        assert client._pending == [nats.protocol.command.pub_cmd(subject, reply, payload)]

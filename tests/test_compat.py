@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nats.aio.client
 import nats.protocol.command
+import nats.protocol.parser
 import pytest
 import trio_asyncio._base
 from packaging.requirements import Requirement
@@ -127,6 +128,19 @@ def test_changed_behaviour_is_named(fresh_check: None, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(nats.aio.client.Client, "_process_msg", process_msg)
     _expect_problem("Client._process_msg using _pending_queue, put_nowait")
+
+
+def test_changed_parser_internals_are_named(
+    fresh_check: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast parser subclasses nats-py's and repeats _process_msg's plain case."""
+
+    async def read_loop(self: object) -> None:
+        pass  # pragma: no cover
+
+    monkeypatch.setattr(nats.aio.client.Client, "_read_loop", read_loop)
+    monkeypatch.delattr(nats.protocol.parser.Parser, "reset")
+    _expect_problem("Client._read_loop using _ps, parse", "Parser.reset")
 
 
 def test_changed_status_constant_and_command_builder_are_named(
