@@ -85,3 +85,9 @@ async def test_cancelling_the_turns_leaves_no_child_running() -> None:
     assert scope.cancelled_caught
     assert len(pids) == 1
     assert not await trio.Path(f"/proc/{pids[0]}").exists()  # killed and reaped
+
+
+async def test_a_child_answering_garbage_is_reported() -> None:
+    chatty = 'import sys; print("ready", flush=True); sys.stdin.readline(); print("hello")'
+    with pytest.raises(BenchError, match="a child answered 'hello\\\\n', not its latencies"):
+        await _run_turns({"a": _command(chatty)}, TURN_BLOCK, "nats://127.0.0.1:4222", "stand-in")

@@ -1219,7 +1219,13 @@ async def _run_turns(
                 for side in order:
                     child = children[side]
                     await child.process.stdin.send_all(f"{n}\n".encode())
-                    latencies[side] += json.loads(await child.line(120))
+                    line = await child.line(120)
+                    try:
+                        latencies[side] += [float(x) for x in json.loads(line)]
+                    except (ValueError, TypeError):
+                        raise BenchError(
+                            _redact(f"{child.what} answered {line[:200]!r}, not its latencies")
+                        ) from None
                 done += n
                 order.reverse()
             for child in children.values():
@@ -1232,11 +1238,14 @@ async def _run_turns(
 
         reraise_unwrapped(group, 1)
     finally:
-        for child in children.values():
-            if child.process.returncode is None:
-                child.process.kill()
-                with trio.CancelScope(shield=True):
-                    await child.process.wait()
+        with trio.CancelScope(shield=True):
+            for child in children.values():
+                process = child.process
+                if process.returncode is None:
+                    process.kill()
+                for stream in (process.stdin, process.stdout, process.stderr):
+                    await stream.aclose()
+                await process.wait()
     return {
         side: _latency_figures(len(values) / sum(values), values)
         for side, values in latencies.items()
