@@ -232,3 +232,11 @@ def test_info_is_decoded_by_nats_py() -> None:
     info = {"server_id": "x", "max_payload": 10}
     run(parser.parse(b"INFO " + json.dumps(info).encode() + b"\r\n"))
     assert log == [("info", info)]
+
+
+def test_a_control_line_is_as_long_as_nats_py_says() -> None:
+    """nats-py's PING pattern (``PING\\s*\\r\\n``) also takes a blank line after it: found
+    by the differential test, after a reset left the rest of a read behind."""
+    stream = b"PING\r\n\r\nMSG a 1 1\r\nx\r\n"
+    assert feed(True, stream, []) == feed(False, stream, [])
+    assert ("msg", "fast", "a", "", b"x", None) in feed(True, stream, [])

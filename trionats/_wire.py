@@ -13,20 +13,21 @@ unsubscribe count, no old-style request future). For those it does what
 ``_received``), builds the message and calls the sink's ``put_nowait``, with no
 coroutine and one copy of the payload.
 
-Everything else, one protocol item at a time, goes through nats-py's own
-``Parser.parse`` (HMSG, PING, PONG, INFO, +OK, -ERR, any other subscription's MSG, a
-malformed or unknown line), so its behaviour, errors included, is nats-py's. A
-``reset()`` during such an item (the client resets the parser when the connection is
-lost) ends the pass, as it ends nats-py's. If nats-py's parser ever stops in the middle
-of an item (a control line the fast path does not recognise but nats-py does), the rest
-of the stream goes to nats-py's parser until it is back between items.
+Everything else goes through nats-py's own ``Parser.parse``, so its behaviour, errors
+included, is nats-py's: an HMSG or another subscription's MSG one item at a time (an
+HMSG's extent is what nats-py's own pattern matches), and from a control line (PING,
+PONG, INFO, +OK, -ERR) or a line that is not a well-formed MSG, the rest of the read.
+A ``reset()`` meanwhile (the client resets the parser when the connection is lost) ends
+the pass, as it ends nats-py's. If nats-py's parser stops in the middle of an item (the
+read ended inside it), the stream stays with nats-py's parser until it is back between
+items.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
+from nats.protocol.parser import AWAITING_CONTROL_LINE, HMSG_RE, Parser
 
 __all__ = ["FastParser"]
 
@@ -115,19 +116,23 @@ class FastParser(Parser):
                         pos = item_end
                         continue
                 else:
-                    item_end = eol + 2  # malformed: nats-py's parser raises ProtocolError
+                    item_end = end  # not a well-formed MSG: nats-py decides
             elif data.startswith(b"HMSG ", pos):
-                args = data[pos + 5 : eol].split()
-                if args and args[-1].isdigit():
-                    item_end = eol + 2 + int(args[-1]) + 2
+                # Where the item ends is what nats-py's own pattern matches.
+                match = HMSG_RE.match(memoryview(data)[pos:])
+                if match is None:
+                    item_end = end
+                else:
+                    item_end = pos + match.end() + int(match.group(6)) + 2
                     if item_end > end:
                         self._want = item_end - pos
                         break
-                else:
-                    item_end = eol + 2
             else:
-                item_end = eol + 2
-            # One item through nats-py's parser.
+                # A control line (PING, PONG, INFO, +OK, -ERR) or anything else: rare, and
+                # nats-py's patterns may take more than one line (``PING\s*\r\n``), so
+                # nats-py's parser takes the rest of this read.
+                item_end = end
+            # One item (or the rest of the read) through nats-py's parser.
             self.buf = bytearray(data[pos:item_end])
             await Parser.parse(self)
             if self._generation != generation:
