@@ -478,7 +478,6 @@ async def _raw_latency(
 
     payload = b"x" * size
     perf = time.perf_counter
-    got = asyncio.Event()
     async with asyncio.timeout(300):  # connect, route, warm up
         first = await nats.connect(url)
         nc = await nats.connect(url)
@@ -502,6 +501,7 @@ async def _raw_latency(
                 return perf() - t
 
         else:
+            got = asyncio.Event()
 
             async def on_msg(msg: Any) -> None:
                 got.set()

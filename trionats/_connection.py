@@ -46,7 +46,7 @@ from ._validate import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
     from types import TracebackType
 
     from ._bridge import NatsClient
@@ -58,6 +58,19 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "ConnectionStats"]
 
 log = logging.getLogger("trionats.connection")
+
+
+@final
+class _Done:
+    """An awaitable that is complete: awaiting it returns None at once, in C."""
+
+    __slots__ = ()
+    __await__ = ().__iter__
+
+
+_DONE: Awaitable[None] = _Done()  # type: ignore[assignment]
+"""What a method that never waits returns to be awaited (``_publish``, the pool's exit)."""
+
 _limited = RateLimiter(log)  # repeated events: errors (reconnect attempts), slow consumers
 
 
@@ -344,30 +357,24 @@ class Connection:
             check_headers(headers)
         if self._tracer is not None:
             return await self._tracer.publish(self, subject, data, reply or "", headers)
-        # == await self._publish(subject, data, reply or "", headers), inlined: one
-        # coroutine less per message on the hot path.
-        if self._closed:
-            raise self._closed_error()
-        hdr = None if headers is None else self._bridge.encode_headers(headers)
-        outcome = self._try_append(self._client, subject, reply or "", data, hdr)
-        if outcome == 0:  # APPENDED
-            self._since_yield += 1
-            if self._since_yield < YIELD_EVERY:
-                return
-        elif outcome != 1:
-            await self._publish_slow(outcome, subject, data, reply or "", hdr)
-        self._since_yield = 0
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._publish(subject, data, reply or "", headers)
 
-    async def _publish(
+    def _publish(
         self,
         subject: str,
         data: Any,
         reply: str,
         headers: dict[str, str] | None,
         wake: bool = True,
-    ) -> None:
-        """Queue a validated message; the caller has checked for cancellation already.
+    ) -> Awaitable[None]:
+        """Queue a validated message; the caller has checked for cancellation already,
+        and awaits what this returns at once.
+
+        A plain method, not a coroutine: on the hot path (appended, no yield due) it
+        returns an awaitable that is done already, so a publish runs no coroutine of its
+        own. Otherwise it returns the yield, or the wait for room (which yields once it
+        has appended). A closed connection raises here, before the await; a message
+        too big or a full reconnect buffer when the returned awaitable is awaited.
 
         With ``wake`` False the flusher is not kicked: the caller writes the buffer
         (``write_now``) or kicks the flusher itself right after this returns.
@@ -379,11 +386,11 @@ class Connection:
         if outcome == 0:  # APPENDED: the hot path
             self._since_yield += 1
             if self._since_yield < YIELD_EVERY:
-                return
+                return _DONE
         elif outcome != 1:  # not appended: wait for room, or fail; nothing was sent
-            await self._publish_slow(outcome, subject, data, reply, hdr)
+            return self._publish_slow(outcome, subject, data, reply, hdr)
         self._since_yield = 0
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        return trio.lowlevel.cancel_shielded_checkpoint()  # noqa: ASYNC105 - the caller awaits it
 
     def _write_pending(self) -> None:
         """A task is about to wait for the server: write the buffer now if it can
@@ -395,6 +402,8 @@ class Connection:
     async def _publish_slow(
         self, outcome: int, subject: str, data: Any, reply: str, hdr: bytes | None
     ) -> None:
+        """``_publish`` when the message was not appended: wait for room and append (then
+        yield, as an appended publish does), or raise what ``outcome`` says."""
         bridge = self._bridge
         while outcome == bridge.MUST_WAIT:
             # Backpressure: wait for the flusher before queueing, so a cancel here means
@@ -410,6 +419,8 @@ class Connection:
                 raise self._closed_error()
             outcome = self._try_append(self._client, subject, reply, data, hdr)
         if outcome <= bridge.APPENDED_YIELD:
+            self._since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if outcome == bridge.TOO_BIG:
             limit = bridge.max_payload(self._client)

@@ -73,7 +73,7 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
-from ._connection import Connection
+from ._connection import _DONE, Connection
 from ._errors import (
     ConnectError,
     ConnectionClosedError,
@@ -463,17 +463,6 @@ class Borrow(Lease[C]):
             raise PoolClosedError(
                 "the pool closed while the connection was borrowed; the block was cancelled"
             )
-
-
-@final
-class _Done:
-    """An awaitable that is complete: awaiting it returns None at once, in C."""
-
-    __slots__ = ()
-    __await__ = ().__iter__
-
-
-_DONE: Awaitable[None] = _Done()  # type: ignore[assignment]
 
 
 @final
